@@ -6,8 +6,8 @@ from typing import Literal
 
 NAME = "xdrive:name"  # drive name, on every volume and snapshot of the drive
 CONSOLE_NAME = "Name"  # same value, for the EC2 console
-GENERATION = "xdrive:generation"  # volume from a state of generation g is g+1; snapshot = its volume's
-KIND = "xdrive:kind"  # snapshots only: "final" (taken after unmount) or "checkpoint" (while mounted)
+GENERATION = "xdrive:generation"  # volume from state g is g+1; snapshot: its volume's
+KIND = "xdrive:kind"  # snapshots: "final" (after unmount) or "checkpoint" (while mounted)
 SOURCE_VOLUME = "xdrive:source-volume"  # snapshots: the volume they were taken from
 SOURCE_SNAPSHOT = "xdrive:source-snapshot"  # volumes: the snapshot they were restored from
 INSTANCE = "xdrive:instance"  # snapshots: instance that took it; volumes: instance that created it
