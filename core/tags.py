@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from mypy_boto3_ec2.type_defs import TagTypeDef
 
 NAME = "xdrive:name"  # drive name, on every volume and snapshot of the drive
 CONSOLE_NAME = "Name"  # same value, for the EC2 console
@@ -20,7 +23,7 @@ FINAL: SnapshotKind = "final"
 CHECKPOINT: SnapshotKind = "checkpoint"
 
 
-def to_tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+def to_tag_list(tags: dict[str, str]) -> list[TagTypeDef]:
     """EC2's ``[{"Key": k, "Value": v}]`` form, sorted for stable requests."""
     return [{"Key": k, "Value": v} for k, v in sorted(tags.items())]
 
