@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from xdrive.sandbox.core import Sandbox
 
 
 def _loop_devices() -> set[str]:
@@ -47,3 +48,13 @@ def workdir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))
     yield path
     subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False)
+
+
+@pytest.fixture
+def sandbox() -> Iterator[Sandbox]:
+    """A whole local AWS, torn down (agents, dockerd, mounts, loop devices) even on failure."""
+    sb = Sandbox().start()
+    try:
+        yield sb
+    finally:
+        sb.close()
