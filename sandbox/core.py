@@ -33,6 +33,10 @@ from xdrive.sandbox.notify import NotifyListener
 from xdrive.sandbox.server import SandboxServer
 from xdrive.sandbox.settings import Faults, Latencies
 
+# moto loads ~1,300 public AMI snapshots by default: unfiltered DescribeSnapshots then takes
+# most of a second. Set before moto's EC2 backend first starts.
+os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
+
 REGION = "us-east-1"
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 AMI = "ami-12c6146b"  # moto does not check AMIs; any id stands for Amazon Linux 2023

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 from urllib.parse import parse_qsl, urlencode
 
-from xdrive.sandbox.blocks import BlockPlane
+from xdrive.sandbox.blocks import BlockPlane, BlockPlaneError
 from xdrive.sandbox.settings import Faults, Latencies
 
 log = logging.getLogger(__name__)
@@ -695,7 +695,11 @@ class Ec2Fidelity:
             return  # an instance with no simulated root, or a volume with no file
         if attachment.instance_id in self._terminations:
             return
-        self._blocks.attach(volume_id, root, attachment.device)
+        try:
+            self._blocks.attach(volume_id, root, attachment.device)
+        except (BlockPlaneError, OSError):
+            # The API already said attached; like a guest that never sees the disk.
+            log.exception("block device for %s did not appear", volume_id)
 
     def _detach_volume(self, request: _Ec2Request) -> _Reply:
         backend = request.where.backend()
@@ -729,7 +733,10 @@ class Ec2Fidelity:
                 force=request.get("Force") == "true",
             )
             self._attachments[volume_id] = attachment
-            self._try_complete_detach(attachment, now)
+            try:
+                self._try_complete_detach(attachment, now)
+            except (BlockPlaneError, OSError):
+                log.exception("detach of %s failed; the watcher retries", volume_id)
             if volume_id in self._attachments:
                 self._start_watcher()
         return _response(

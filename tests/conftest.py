@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from xdrive.sandbox.core import Sandbox
 
+pytest_plugins = ["tests.sandbox_fixtures"]
+
 
 def _loop_devices() -> set[str]:
     out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=False).stdout

@@ -60,7 +60,8 @@ class Ec2Sandbox:
         return self.server.url
 
     def client(self, service: str = "ec2", config: Config | None = None) -> Any:
-        return boto3.client(
+        make_client: Any = boto3.client  # any service name: the stubs overload on literals
+        return make_client(
             service,
             endpoint_url=self.url,
             region_name=REGION,

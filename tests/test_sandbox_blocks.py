@@ -12,7 +12,6 @@ from xdrive.sandbox.blocks import GIB, BlockPlane, BlockPlaneError, by_id_name, 
 from .sandbox_fixtures import Mounts, loops_bound_to, wait_until
 
 pytestmark = pytest.mark.root
-pytest_plugins = ["tests.sandbox_fixtures"]
 
 VOL_A = "vol-0123456789abcdef0"
 VOL_B = "vol-0fedcba987654321f"
@@ -137,9 +136,8 @@ def test_teardown_frees_its_devices_and_files_and_nothing_else(
 
         block_plane.teardown()
 
-        for path in paths:
-            wait_until(lambda path=path: not loops_bound_to(path))
-            assert not path.exists()
+        wait_until(lambda: not any(loops_bound_to(path) for path in paths))
+        assert not any(path.exists() for path in paths)
         assert not block_plane.snapshot_path(SNAP).exists()
         assert not any(block_plane.volumes_dir.iterdir())
         assert not os.path.ismount(workdir / "root/v1")

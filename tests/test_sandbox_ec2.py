@@ -23,7 +23,6 @@ from xdrive.sandbox.settings import Faults, Latencies
 from .sandbox_fixtures import Ec2Sandbox, Mounts, loops_bound_to, wait_until
 
 pytestmark = pytest.mark.root
-pytest_plugins = ["tests.sandbox_fixtures"]
 
 AZ_A = "us-east-1a"
 AZ_B = "us-east-1b"
@@ -269,7 +268,12 @@ def test_detach_takes_its_latency_even_without_a_device(ec2_sandbox: Ec2Sandbox,
 
     assert ec2.detach_volume(VolumeId=volume)["State"] == "detaching"
     states: list[str] = []
-    wait_until(lambda: states.append(_attach_state(ec2, volume)) or states[-1] == "detached")
+
+    def detached() -> bool:
+        states.append(_attach_state(ec2, volume))
+        return states[-1] == "detached"
+
+    wait_until(detached)
     assert "detaching" in states
     assert states == sorted(states, key=["detaching", "detached"].index)
     assert _volume(ec2, volume)["State"] == "available"
