@@ -22,6 +22,7 @@ from datetime import datetime, timezone
 from typing import Callable, Literal, Optional
 
 import requests
+
 from xdrive.errors import ImdsError
 
 log = logging.getLogger(__name__)

@@ -26,6 +26,7 @@ from botocore.exceptions import (
     PartialCredentialsError,
     ReadTimeoutError,
 )
+
 from xdrive import __version__, tags
 from xdrive.errors import AwsError, ConfigError, PermissionDenied, XdriveError
 from xdrive.tags import SnapshotKind

@@ -15,6 +15,7 @@ import click
 import requests
 from rich.console import Console
 from rich.table import Table
+
 from xdrive.errors import XdriveError
 
 DEFAULT_STATE_DIR = Path(os.environ.get("XDRIVE_SANDBOX_DIR", "/tmp/xdrive-sandbox"))

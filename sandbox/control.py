@@ -17,6 +17,7 @@ import threading
 from typing import Any, Callable
 
 from werkzeug.wrappers import Request, Response
+
 from xdrive.errors import XdriveError
 from xdrive.sandbox.core import Sandbox
 

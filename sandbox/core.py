@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import boto3
 from botocore.config import Config
+
 from xdrive.agent.config import AgentConfig, DockerSettings, VolumeSettings, WatchSettings
 from xdrive.agent.state import AgentStatus, read_status
 from xdrive.errors import XdriveError

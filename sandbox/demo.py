@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from rich.console import Console
 from rich.table import Table
+
 from xdrive.sandbox.core import Sandbox, SandboxError
 from xdrive.sandbox.dockerctl import import_busybox_image
 from xdrive.sandbox.settings import Latencies

@@ -19,6 +19,7 @@ from typing import Any
 
 from moto.moto_server.werkzeug_app import MotoRequestHandler
 from werkzeug.serving import BaseWSGIServer, make_server
+
 from xdrive.sandbox.fidelity import Ec2Fidelity, WsgiApp
 
 CONTROL_PREFIX = "/sandbox/"

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from xdrive.sandbox.core import Sandbox
 
 pytest_plugins = ["tests.sandbox_fixtures"]

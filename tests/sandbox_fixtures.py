@@ -16,6 +16,7 @@ from typing import Any, Callable, TypeVar
 import boto3
 import pytest
 from botocore.config import Config
+
 from xdrive.sandbox.blocks import BlockPlane
 from xdrive.sandbox.fidelity import Ec2Fidelity, reset_moto
 from xdrive.sandbox.server import SandboxServer

@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from xdrive.agent import files
 from xdrive.agent.commands import CommandFailed, CommandResult, run
 from xdrive.errors import ConfigError, XdriveError

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from xdrive.agent.devices import DeviceNotFound, by_id_names, resolve_device
 from xdrive.errors import ConfigError
 

@@ -9,6 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from xdrive.agent import commands
 from xdrive.agent.docker_setup import (
     DROPIN_RELPATH,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
 from xdrive.agent import commands, filesystem
 from xdrive.agent.filesystem import (
     FsType,

@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import pytest
+
 import xdrive
 from xdrive.agent.config import AgentConfig, DockerSettings
 from xdrive.cloudinit import bundle, layout, units, yamltext

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import docker
 import pytest
+
 from xdrive.agent import filesystem
 from xdrive.agent.docker_setup import DockerControl, docker_root_dir, merge_daemon_json
 from xdrive.errors import ConfigError, XdriveError

@@ -16,6 +16,7 @@ import requests
 from botocore.config import Config
 from botocore.stub import Stubber
 from moto.server import ThreadedMotoServer
+
 from xdrive import __version__, tags
 from xdrive.ec2 import (
     ActionDenied,

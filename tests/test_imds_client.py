@@ -9,6 +9,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import requests
+
 from xdrive.agent.imds import (
     ImdsClient,
     InstanceIdentity,

@@ -10,6 +10,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import requests
+
 from xdrive.sandbox.imds import ImdsFaults, ImdsIdentity, ImdsServer
 
 SPOT = ImdsIdentity(

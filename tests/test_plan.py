@@ -12,6 +12,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Optional
 
 import pytest
+
 from xdrive import tags
 from xdrive.agent.plan import (
     CreateEmpty,

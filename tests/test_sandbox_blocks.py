@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from xdrive.sandbox.blocks import GIB, BlockPlane, BlockPlaneError, by_id_name, mounts_of
 
 from .sandbox_fixtures import Mounts, loops_bound_to, wait_until

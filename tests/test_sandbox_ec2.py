@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from botocore.config import Config
 from botocore.exceptions import ClientError
+
 from xdrive.sandbox.blocks import by_id_name
 from xdrive.sandbox.settings import Faults, Latencies
 
