@@ -295,6 +295,117 @@ def forgotten_instance(instance_id: str) -> InstanceInfo:
     return InstanceInfo(instance_id, "terminated", None, None, None)
 
 
+# --- what the launcher reads and writes (the agent never calls these) ----------------------
+
+MarketType = Literal["spot", "on-demand"]
+
+
+@dataclass(frozen=True)
+class InstanceDetails:
+    """An instance as the launcher shows it: ``InstanceInfo`` plus tags, times and options."""
+
+    id: str
+    state: InstanceState
+    availability_zone: Optional[str]
+    instance_type: Optional[str]
+    lifecycle: Optional[Lifecycle]
+    launch_time: Optional[datetime] = None
+    image_id: Optional[str] = None
+    subnet_id: Optional[str] = None
+    http_tokens: Optional[str] = None  # "required": IMDSv2 only
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+    @property
+    def drive(self) -> Optional[str]:
+        return self.tags.get(tags.NAME)
+
+    @property
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(
+            self.id, self.state, self.availability_zone, self.instance_type, self.lifecycle
+        )
+
+    @property
+    def is_live(self) -> bool:
+        return self.state in LIVE_INSTANCE_STATES
+
+
+def instance_details_from_api(data: Mapping[str, Any]) -> InstanceDetails:
+    info = instance_from_api(data)
+    return InstanceDetails(
+        id=info.id,
+        state=info.state,
+        availability_zone=info.availability_zone,
+        instance_type=info.instance_type,
+        lifecycle=info.lifecycle,
+        launch_time=data.get("LaunchTime"),
+        image_id=data.get("ImageId"),
+        subnet_id=data.get("SubnetId"),
+        http_tokens=(data.get("MetadataOptions") or {}).get("HttpTokens"),
+        tags=tags.from_tag_list(data.get("Tags")),
+    )
+
+
+@dataclass(frozen=True)
+class InstanceSpec:
+    """What to launch: the one mapping to RunInstances and to launch templates."""
+
+    image_id: str
+    instance_type: str
+    user_data: bytes  # raw (gzip'd or not); base64 is the wire format's business
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+    market: MarketType = "spot"
+    max_price: Optional[str] = None  # USD per hour, as EC2 spells it ("0.35")
+    subnet_id: Optional[str] = None
+    security_group_ids: tuple[str, ...] = ()
+    key_name: Optional[str] = None
+    instance_profile: Optional[str] = None  # name of the instance profile
+
+
+@dataclass(frozen=True)
+class InstanceTypeInfo:
+    name: str
+    architectures: tuple[str, ...]  # "x86_64", "arm64", ...
+    vcpus: int
+    memory_mib: int
+    gpus: int
+
+
+@dataclass(frozen=True)
+class SpotPrice:
+    availability_zone: str
+    instance_type: str
+    price: float  # USD per hour
+    timestamp: datetime
+
+
+@dataclass(frozen=True)
+class Subnet:
+    id: str
+    vpc_id: str
+    availability_zone: str
+    default_for_az: bool
+
+
+@dataclass(frozen=True)
+class LaunchTemplate:
+    id: str
+    name: str
+    default_version: int
+    latest_version: int
+    tags: Mapping[str, str] = field(default_factory=dict, hash=False)
+
+
+class UnknownInstanceType(ConfigError):
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(
+            f"unknown instance type {name!r}",
+            "check the spelling (for example t3.micro, m7g.large, g5.xlarge); "
+            "`aws ec2 describe-instance-types` lists them",
+        )
+
+
 # --- the client ---------------------------------------------------------------------------
 
 
@@ -677,6 +788,248 @@ class Ec2:
         assert result is not None
         return result
 
+    # -- the launcher's reads: every drive, instances, zones, prices, networks --
+
+    def all_drive_volumes(self) -> tuple[Volume, ...]:
+        """Every volume of every drive (any ``xdrive:name``) that is not gone, oldest first."""
+        found: list[Volume] = []
+        with aws_errors("ec2:DescribeVolumes"):
+            pages = self.client.get_paginator("describe_volumes").paginate(
+                Filters=[{"Name": "tag-key", "Values": [tags.NAME]}]
+            )
+            for page in pages:
+                found.extend(volume_from_api(v) for v in page.get("Volumes", []))
+        live = [v for v in found if v.state != "deleted" and v.drive]
+        return tuple(sorted(live, key=lambda v: (v.create_time, v.id)))
+
+    def all_drive_snapshots(self) -> tuple[Snapshot, ...]:
+        """Every snapshot of every drive owned by this account, oldest first."""
+        found: list[Snapshot] = []
+        with aws_errors("ec2:DescribeSnapshots"):
+            pages = self.client.get_paginator("describe_snapshots").paginate(
+                OwnerIds=["self"], Filters=[{"Name": "tag-key", "Values": [tags.NAME]}]
+            )
+            for page in pages:
+                found.extend(snapshot_from_api(s) for s in page.get("Snapshots", []))
+        return tuple(sorted((s for s in found if s.drive), key=lambda s: (s.start_time, s.id)))
+
+    def drive_instances(self, name: Optional[str] = None) -> tuple[InstanceDetails, ...]:
+        """Instances tagged with drive ``name`` (any drive when None), in any state, by launch."""
+        if name is None:
+            filters = [{"Name": "tag-key", "Values": [tags.NAME]}]
+        else:
+            filters = [{"Name": f"tag:{tags.NAME}", "Values": [name]}]
+        found: list[InstanceDetails] = []
+        with aws_errors("ec2:DescribeInstances"):
+            pages = self.client.get_paginator("describe_instances").paginate(
+                Filters=cast(Any, filters)
+            )
+            for page in pages:
+                for reservation in page.get("Reservations", []):
+                    for data in reservation.get("Instances", []):
+                        found.append(instance_details_from_api(cast(Mapping[str, Any], data)))
+        epoch = datetime.min.replace(tzinfo=timezone.utc)
+        return tuple(sorted(found, key=lambda i: (i.launch_time or epoch, i.id)))
+
+    def availability_zones(self) -> tuple[str, ...]:
+        """The region's availability zones that are up (no Local or Wavelength Zones)."""
+        with aws_errors("ec2:DescribeAvailabilityZones"):
+            answer = self.client.describe_availability_zones()
+        return tuple(
+            sorted(
+                z["ZoneName"]
+                for z in answer.get("AvailabilityZones", [])
+                if z.get("State", "available") == "available"
+                and z.get("ZoneType", "availability-zone") == "availability-zone"
+            )
+        )
+
+    def instance_type(self, name: str) -> InstanceTypeInfo:
+        """What EC2 says about instance type ``name``; ``UnknownInstanceType`` if nothing."""
+        with aws_errors("ec2:DescribeInstanceTypes"):
+            try:
+                answer = self.client.describe_instance_types(InstanceTypes=cast(Any, [name]))
+            except ClientError as e:
+                if _code(e) in ("InvalidInstanceType", "InvalidParameterValue"):
+                    raise UnknownInstanceType(name) from None
+                raise
+        found = answer.get("InstanceTypes", [])
+        if not found:
+            raise UnknownInstanceType(name)
+        data = cast(Mapping[str, Any], found[0])
+        gpus = sum(int(g.get("Count", 0)) for g in (data.get("GpuInfo") or {}).get("Gpus", []))
+        return InstanceTypeInfo(
+            name=str(data.get("InstanceType", name)),
+            architectures=tuple(
+                (data.get("ProcessorInfo") or {}).get("SupportedArchitectures", ())
+            ),
+            vcpus=int((data.get("VCpuInfo") or {}).get("DefaultVCpus", 0)),
+            memory_mib=int((data.get("MemoryInfo") or {}).get("SizeInMiB", 0)),
+            gpus=gpus,
+        )
+
+    def instance_type_zones(self, name: str) -> tuple[str, ...]:
+        """The availability zones that offer instance type ``name``."""
+        zones: set[str] = set()
+        with aws_errors("ec2:DescribeInstanceTypeOfferings"):
+            pages = self.client.get_paginator("describe_instance_type_offerings").paginate(
+                LocationType="availability-zone",
+                Filters=[{"Name": "instance-type", "Values": [name]}],
+            )
+            for page in pages:
+                zones.update(o["Location"] for o in page.get("InstanceTypeOfferings", []))
+        return tuple(sorted(zones))
+
+    def spot_prices(self, instance_type: str) -> tuple[SpotPrice, ...]:
+        """The current Linux spot price of ``instance_type`` in each zone, by zone."""
+        newest: dict[str, SpotPrice] = {}
+        with aws_errors("ec2:DescribeSpotPriceHistory"):
+            pages = self.client.get_paginator("describe_spot_price_history").paginate(
+                InstanceTypes=cast(Any, [instance_type]),
+                ProductDescriptions=["Linux/UNIX"],
+                StartTime=self._now(),  # "now": the price in effect, one per zone
+            )
+            for page in pages:
+                for item in page.get("SpotPriceHistory", []):
+                    # "Linux/UNIX" or "Linux/UNIX (Amazon VPC)"; never SUSE/RHEL/Windows.
+                    if not str(item.get("ProductDescription", "")).startswith("Linux/UNIX"):
+                        continue
+                    price = SpotPrice(
+                        availability_zone=item["AvailabilityZone"],
+                        instance_type=item.get("InstanceType", instance_type),
+                        price=float(item["SpotPrice"]),
+                        timestamp=item["Timestamp"],
+                    )
+                    known = newest.get(price.availability_zone)
+                    if known is None or price.timestamp > known.timestamp:
+                        newest[price.availability_zone] = price
+        return tuple(newest[z] for z in sorted(newest))
+
+    def subnets(self, ids: Iterable[str] = (), default_for_az: bool = False) -> tuple[Subnet, ...]:
+        """Subnets by id (``ConfigError`` for an unknown one), or the default subnets."""
+        wanted = list(ids)
+        request: dict[str, Any] = {}
+        if wanted:
+            request["SubnetIds"] = wanted
+        if default_for_az:
+            request["Filters"] = [{"Name": "default-for-az", "Values": ["true"]}]
+        with aws_errors("ec2:DescribeSubnets"):
+            try:
+                answer = self.client.describe_subnets(**request)
+            except ClientError as e:
+                if _code(e) == "InvalidSubnetID.NotFound":
+                    raise ConfigError(
+                        f"subnet {', '.join(wanted)} does not exist in this region",
+                        "check the id and the region (--region)",
+                    ) from None
+                raise
+        found = [
+            Subnet(
+                id=s["SubnetId"],
+                vpc_id=s.get("VpcId", ""),
+                availability_zone=s["AvailabilityZone"],
+                default_for_az=bool(s.get("DefaultForAz", False)),
+            )
+            for s in answer.get("Subnets", [])
+        ]
+        return tuple(sorted(found, key=lambda s: (s.availability_zone, s.id)))
+
+    def launch_template(self, name: str) -> Optional[LaunchTemplate]:
+        """The launch template called ``name``, or None."""
+        with aws_errors("ec2:DescribeLaunchTemplates"):
+            try:
+                answer = self.client.describe_launch_templates(LaunchTemplateNames=[name])
+            except ClientError as e:
+                if _code(e).startswith("InvalidLaunchTemplateName."):
+                    return None
+                raise
+        found = answer.get("LaunchTemplates", [])
+        return _launch_template_from_api(found[0]) if found else None
+
+    # -- the launcher's writes --
+
+    def run_instance(
+        self, spec: InstanceSpec, *, dry_run: bool = False
+    ) -> Optional[InstanceDetails]:
+        """Launch one instance (IMDSv2 only, tagged in the same call).
+
+        ``dry_run`` asks EC2 whether the call would be allowed and valid, creating nothing:
+        None means yes; otherwise it raises like the real call would.
+        """
+        with aws_errors("ec2:RunInstances"):
+            try:
+                # botocore fills ClientToken once per call: retries never launch twice.
+                answer = self.client.run_instances(DryRun=dry_run, **run_instances_request(spec))
+            except ClientError as e:
+                if dry_run and _code(e) == "DryRunOperation":
+                    return None
+                raise
+        return instance_details_from_api(cast(Mapping[str, Any], answer["Instances"][0]))
+
+    def terminate_instances(self, instance_ids: Iterable[str]) -> None:
+        ids = sorted(set(instance_ids))
+        if not ids:
+            return
+        with aws_errors("ec2:TerminateInstances"):
+            self.client.terminate_instances(InstanceIds=ids)
+
+    def create_launch_template(
+        self, name: str, spec: InstanceSpec, template_tags: Mapping[str, str]
+    ) -> LaunchTemplate:
+        """A launch template for ``spec`` (see ``launch_template_data``), tagged as it is made."""
+        with aws_errors("ec2:CreateLaunchTemplate"):
+            answer = self.client.create_launch_template(
+                LaunchTemplateName=name,
+                LaunchTemplateData=cast(Any, launch_template_data(spec)),
+                TagSpecifications=[
+                    {
+                        "ResourceType": "launch-template",
+                        "Tags": tags.to_tag_list(dict(template_tags)),
+                    }
+                ],
+            )
+        return _launch_template_from_api(cast(Mapping[str, Any], answer["LaunchTemplate"]))
+
+    def update_launch_template(self, name: str, spec: InstanceSpec) -> LaunchTemplate:
+        """A new version of template ``name`` for ``spec``, made its default."""
+        with aws_errors("ec2:CreateLaunchTemplateVersion"):
+            answer = self.client.create_launch_template_version(
+                LaunchTemplateName=name, LaunchTemplateData=cast(Any, launch_template_data(spec))
+            )
+        version = str(answer["LaunchTemplateVersion"]["VersionNumber"])
+        with aws_errors("ec2:ModifyLaunchTemplate"):
+            self.client.modify_launch_template(LaunchTemplateName=name, DefaultVersion=version)
+        template = self.launch_template(name)
+        if template is None:
+            raise AwsError(f"launch template {name} vanished while it was updated", "retry")
+        return template
+
+    def delete_launch_template(self, name: str) -> None:
+        with aws_errors("ec2:DeleteLaunchTemplate"):
+            self.client.delete_launch_template(LaunchTemplateName=name)
+
+    def wait_instances(
+        self,
+        instance_ids: Iterable[str],
+        states: Iterable[InstanceState],
+        timeout: float = 600.0,
+        on_progress: Optional[Callable[[Mapping[str, InstanceInfo]], None]] = None,
+    ) -> dict[str, InstanceInfo]:
+        """Poll until every instance is in one of ``states`` (forgotten ones count as
+        terminated)."""
+        ids = sorted(set(instance_ids))
+        wanted = frozenset(states)
+
+        def check() -> tuple[bool, Optional[dict[str, InstanceInfo]], str]:
+            found = self.instances(ids)
+            if on_progress:
+                on_progress(found)
+            done = all(i.state in wanted for i in found.values())
+            return done, found, ", ".join(f"{i.id} {i.state}" for i in found.values())
+
+        result = self._poll(f"{', '.join(ids)} to be {'/'.join(sorted(wanted))}", timeout, check)
+        return result or {}
+
     def _existing_volume(self, volume_id: str) -> Volume:
         volume = self.volume(volume_id)
         if volume is None:
@@ -701,6 +1054,85 @@ class Ec2:
                 )
             self._sleep(min(delay, remaining))
             delay = min(delay * self._backoff.factor, self._backoff.maximum)
+
+
+def _metadata_options() -> dict[str, Any]:
+    # IMDSv2 only: a token is needed for every read, so an SSRF in a container cannot read
+    # the instance profile's credentials with a plain GET.
+    return {"HttpTokens": "required", "HttpEndpoint": "enabled"}
+
+
+def run_instances_request(spec: InstanceSpec) -> dict[str, Any]:
+    """RunInstances parameters for ``spec``: one instance, IMDSv2 only, tagged at launch.
+
+    Only the instance (and its spot request) get the tags: its root volume must never carry
+    ``xdrive:name``, or it would count as a volume of the drive.
+    """
+    tag_list = tags.to_tag_list(dict(spec.tags))
+    specs: list[dict[str, Any]] = [{"ResourceType": "instance", "Tags": tag_list}]
+    request: dict[str, Any] = {
+        "ImageId": spec.image_id,
+        "InstanceType": spec.instance_type,
+        "MinCount": 1,
+        "MaxCount": 1,
+        "UserData": spec.user_data,  # boto3 base64-encodes it for RunInstances
+        "MetadataOptions": _metadata_options(),
+        # `shutdown` on the instance ends it (a one-time spot instance cannot stop anyway).
+        "InstanceInitiatedShutdownBehavior": "terminate",
+    }
+    if spec.market == "spot":
+        spot: dict[str, Any] = {
+            "SpotInstanceType": "one-time",
+            "InstanceInterruptionBehavior": "terminate",
+        }
+        if spec.max_price is not None:
+            spot["MaxPrice"] = spec.max_price
+        request["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": spot}
+        specs.append({"ResourceType": "spot-instances-request", "Tags": tag_list})
+    request["TagSpecifications"] = specs
+    optional = {
+        "SubnetId": spec.subnet_id,
+        "SecurityGroupIds": list(spec.security_group_ids) or None,
+        "KeyName": spec.key_name,
+        "IamInstanceProfile": {"Name": spec.instance_profile} if spec.instance_profile else None,
+    }
+    request.update({k: v for k, v in optional.items() if v is not None})
+    return request
+
+
+def launch_template_data(spec: InstanceSpec) -> dict[str, Any]:
+    """LaunchTemplateData for ``spec``. No market options and no subnet: the Auto Scaling
+    group that uses the template decides both (its instances distribution and its subnets).
+    """
+    import base64
+
+    data: dict[str, Any] = {
+        "ImageId": spec.image_id,
+        "InstanceType": spec.instance_type,
+        # Unlike RunInstances, a launch template wants the caller's base64.
+        "UserData": base64.b64encode(spec.user_data).decode("ascii"),
+        "MetadataOptions": _metadata_options(),
+        "TagSpecifications": [
+            {"ResourceType": "instance", "Tags": tags.to_tag_list(dict(spec.tags))}
+        ],
+    }
+    optional = {
+        "SecurityGroupIds": list(spec.security_group_ids) or None,
+        "KeyName": spec.key_name,
+        "IamInstanceProfile": {"Name": spec.instance_profile} if spec.instance_profile else None,
+    }
+    data.update({k: v for k, v in optional.items() if v is not None})
+    return data
+
+
+def _launch_template_from_api(data: Mapping[str, Any]) -> LaunchTemplate:
+    return LaunchTemplate(
+        id=data["LaunchTemplateId"],
+        name=data["LaunchTemplateName"],
+        default_version=int(data.get("DefaultVersionNumber", 1)),
+        latest_version=int(data.get("LatestVersionNumber", 1)),
+        tags=tags.from_tag_list(data.get("Tags")),
+    )
 
 
 def _code(error: ClientError) -> str:
