@@ -305,7 +305,9 @@ class Sandbox:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             status = inst.status()
-            if status is not None and status.phase == "ready":
+            # The pid: a status file left by an earlier agent on this instance says "ready" too.
+            pid = inst.agent.pid if inst.agent is not None else None
+            if status is not None and status.phase == "ready" and status.pid == pid:
                 return status
             if inst.agent is not None and inst.agent.poll() is not None:
                 raise SandboxError(
