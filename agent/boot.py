@@ -16,28 +16,47 @@ from typing import Callable, Optional, cast
 from xdrive import tags
 from xdrive.agent import filesystem, plan
 from xdrive.agent.config import AgentConfig
-from xdrive.agent.devices import resolve_device
+from xdrive.agent.devices import find_device, resolve_device
 from xdrive.agent.imds import InstanceIdentity
 from xdrive.agent.notify import Notifier
-from xdrive.ec2 import Ec2, Volume
+from xdrive.ec2 import Backoff, Ec2, Ec2ApiError, Volume
 from xdrive.errors import DriveBusy, XdriveError
 
 log = logging.getLogger("xdrive.agent.boot")
 
 MAX_STEPS = 200  # each step makes progress or waits; this only stops a runaway loop
+# Someone waits for the boot, and its EC2 waits are short (volume creation and attachment
+# take seconds): poll from 0.2 s, growing 20% a time, so no wait overshoots by more than
+# about a fifth; about 13 polls for 10 s, 23 for a minute, then every 10 s.
+BOOT_BACKOFF = Backoff(initial=0.2, factor=1.2, maximum=10.0)
+# The block device appears a moment after EC2 says "attached"; looking is a few stat calls.
+DEVICE_POLL_S = 0.05
+# Pauses while EC2 moves a volume on by itself (creating, detaching, freed at termination).
+SETTLE_PAUSE_S = (0.25, 1.5, 5.0)  # first, factor, maximum
+# A volume made by this boot that another may delete: these codes mean it already went or
+# was taken, and deleting it is no longer ours to do.
+_GONE_OR_TAKEN = ("InvalidVolume.NotFound", "VolumeInUse", "IncorrectState")
 
 
 @dataclass(frozen=True)
 class MountedDrive:
     volume_id: str
     generation: int
-    restored_from: Optional[str]  # snapshot the volume was created from, if any
+    # The snapshot this instance restored the volume from; None for a new empty volume
+    # and for a reattached one (whose content is its own, not a snapshot's).
+    restored_from: Optional[str]
     device: Path
     mountpoint: Path
     formatted: bool  # a new empty volume was formatted during this boot
+    reattached: bool = False  # made by another instance (or before it): no restore here
 
     def describe(self) -> str:
-        origin = f"from {self.restored_from}, " if self.restored_from else ""
+        if self.restored_from:
+            origin = f"from {self.restored_from}, "
+        elif self.reattached:
+            origin = "reattached, "
+        else:
+            origin = ""
         return f"{self.volume_id} ({origin}generation {self.generation})"
 
 
@@ -72,22 +91,37 @@ class BootRunner:
         sleep: Callable[[float], None] = time.sleep,
         device_timeout_s: float = 120.0,
         wait_volume_s: float = 600.0,
+        backoff: Optional[Backoff] = BOOT_BACKOFF,
     ) -> None:
         self.config = config
-        self.ec2 = ec2
+        # The same client, polled at the boot's cadence (None: the wrapper's own).
+        self.ec2 = ec2 if backoff is None else Ec2(ec2.client, backoff=backoff, sleep=sleep)
         self.me = me
         self.notifier = notifier
         self.sleep = sleep
         self.device_timeout_s = device_timeout_s
         self.wait_volume_s = wait_volume_s
         # Volumes this boot created and has not mounted: their content is nothing (or a
-        # completed snapshot), so they may be removed if another instance wins the drive.
+        # completed snapshot), so they are removed if the boot fails or loses the drive.
         self._created_unmounted: set[str] = set()
 
     # --- the loop ---------------------------------------------------------------------
 
     def restore_drive(self) -> MountedDrive:
+        """Bring the drive's newest state to the mountpoint; see the module docstring.
+
+        On failure, volumes this boot created and never mounted are removed (best effort):
+        they hold nothing that is not in a snapshot, and a retry makes them again.
+        """
+        try:
+            return self._restore()
+        except XdriveError:
+            self._release_unmounted()
+            raise
+
+    def _restore(self) -> MountedDrive:
         waited_since: Optional[float] = None
+        pause = SETTLE_PAUSE_S[0]
         for _ in range(MAX_STEPS):
             observed = observe(self.ec2, self.config.drive, self.me)
             step = plan.decide(observed)
@@ -103,7 +137,6 @@ class BootRunner:
                     continue
                 return self._mount(step, observed)
             if isinstance(step, plan.Refuse):
-                self._release_unmounted()
                 raise DriveBusy(step.reason, "terminate or stop xdrive on that instance first")
             if isinstance(step, plan.CreateEmpty):
                 self._create_volume(step.generation, snapshot_id=None, size_gib=None)
@@ -125,7 +158,8 @@ class BootRunner:
                         f"gave up after {self.wait_volume_s:.0f} s: {step.reason}",
                         "check the volume in the EC2 console; the agent will retry on restart",
                     )
-                self.sleep(2.0)
+                self.sleep(pause)
+                pause = min(pause * SETTLE_PAUSE_S[1], SETTLE_PAUSE_S[2])
         raise XdriveError(
             f"the boot plan did not converge in {MAX_STEPS} steps",
             "this is a bug: please report it with the agent's journal",
@@ -190,21 +224,37 @@ class BootRunner:
             if fresh is None or fresh.attachment is not None or not plan.is_saved(fresh, snaps):
                 continue
             log.info("deleting %s: its content is in a completed snapshot", vid)
-            self.ec2.delete_volume(vid)
+            try:
+                self.ec2.delete_volume(vid)
+            except Ec2ApiError as e:
+                # The instance that saved it (finishing its save) or another boot was
+                # quicker, or something attached it since: not ours to delete any more.
+                if e.code not in _GONE_OR_TAKEN:
+                    raise
+                log.info("left %s alone: %s", vid, e.code)
 
     def _release_unmounted(self) -> None:
-        """Lost a race for the drive: remove volumes this boot made and never wrote."""
+        """The boot failed or lost the drive: remove volumes it made and never wrote.
+
+        Best effort: a failure here is logged, never raised over the error that got here.
+        A volume attached to another instance was taken over as the drive: left alone.
+        """
         for vid in sorted(self._created_unmounted):
-            fresh = self.ec2.volume(vid)
-            if fresh is None:
-                continue
-            if fresh.attached_instance == self.me.instance_id:
-                self.ec2.detach_volume(vid, self.me.instance_id)
-                self.ec2.wait_detached(vid, self.me.instance_id)
-            log.info(
-                "removing %s: created here, never mounted, another instance has the drive", vid
-            )
-            self.ec2.delete_volume(vid)
+            try:
+                fresh = self.ec2.volume(vid)
+                if fresh is None:
+                    continue
+                holder = fresh.attached_instance
+                if holder is not None and holder != self.me.instance_id:
+                    log.info("leaving %s: %s uses it now", vid, holder)
+                    continue
+                if holder == self.me.instance_id:
+                    self.ec2.detach_volume(vid, self.me.instance_id)
+                    self.ec2.wait_detached(vid, self.me.instance_id, timeout=60)
+                self.ec2.delete_volume(vid)
+                log.info("removed %s: created by this boot, never mounted", vid)
+            except XdriveError as e:
+                log.warning("could not remove %s (created by this boot, empty): %s", vid, e)
         self._created_unmounted.clear()
 
     def _mount(self, step: plan.UseVolume, observed: plan.Observed) -> MountedDrive:
@@ -212,12 +262,7 @@ class BootRunner:
         if step.retag:
             # Before the first write: from now on this volume is newer than its snapshots.
             self.ec2.set_volume_generation(volume.id, step.generation)
-        device = resolve_device(
-            volume.id,
-            root=Path(self.config.root),
-            requested_name=self.config.volume.device_name,
-            timeout_s=self.device_timeout_s,
-        )
+        device = self._wait_device(volume.id)
         fstype = cast(filesystem.FsType, self.config.volume.filesystem)
         signature = filesystem.read_signature(device)
         formatted = False
@@ -249,14 +294,31 @@ class BootRunner:
         if fstype == "xfs":
             filesystem.grow_filesystem(device, mountpoint, fstype)
         self._created_unmounted.discard(volume.id)
+        # Made by this instance (this run, or one killed before it): a restore or a new
+        # volume. Anything else was reattached, whatever snapshot it once came from.
+        made_here = volume.created_by == self.me.instance_id
         return MountedDrive(
             volume_id=volume.id,
             generation=step.generation,
-            restored_from=volume.snapshot_id,
+            restored_from=volume.snapshot_id if made_here else None,
             device=device,
             mountpoint=mountpoint,
             formatted=formatted,
+            reattached=not made_here,
         )
+
+    def _wait_device(self, volume_id: str) -> Path:
+        """The volume's block device, looked for every DEVICE_POLL_S until the timeout."""
+        root = Path(self.config.root)
+        requested = self.config.volume.device_name
+        deadline = time.monotonic() + self.device_timeout_s
+        while time.monotonic() < deadline:
+            found = find_device(volume_id, root=root, requested_name=requested)
+            if found is not None:
+                return found
+            self.sleep(DEVICE_POLL_S)
+        # One last look; raises DeviceNotFound naming every place it looked.
+        return resolve_device(volume_id, root=root, requested_name=requested, timeout_s=0)
 
 
 def _label(drive: str, fstype: str) -> str:
