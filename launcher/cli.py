@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional, TypeVar, cast
 
 import click
 
@@ -160,7 +160,7 @@ def launch(
         max_price=max_price,
         ami=ami,
         gpu=gpu,
-        distro=distro,
+        distro=cast(Any, distro),  # click.Choice checked it
         key_name=key_name,
         security_groups=security_groups,
         subnet=subnet,
@@ -225,7 +225,7 @@ def userdata(
     result = render_userdata(
         aws,
         name,
-        distro=distro,
+        distro=cast(Any, distro),  # click.Choice checked it
         size_gib=size_gib,
         compress=compress,
         agent_url=agent_url,
@@ -467,7 +467,7 @@ def iam_policy(role: Optional[str], drive: Optional[str], agent_bucket: Optional
     scope = PolicyScope(
         drive=validate_drive_name(drive) if drive else None, agent_bucket=agent_bucket
     )
-    click.echo(dumps(policies(scope, role)))
+    click.echo(dumps(policies(scope, cast(Any, role))))
 
 
 @cli.command()

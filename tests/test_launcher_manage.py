@@ -163,7 +163,8 @@ def test_prune_never_cuts_a_pending_save(aws_env: Sandbox, ec2: Ec2) -> None:
     completed = make_snapshot(ec2, volume, generation=2)
     aws_env.fidelity.set_latencies(Latencies(snapshot=300.0))  # pending for the whole test
     pending = make_snapshot(ec2, volume, generation=3)
-    assert ec2.snapshot(pending.id).state == "pending"
+    seen = ec2.snapshot(pending.id)
+    assert seen is not None and seen.state == "pending"
     result = ok_json("prune", "work", "--keep", "1")
     assert result["deleted"] == [first.id]
     assert snapshot_ids(ec2, "work") == {completed.id, pending.id}
