@@ -8,6 +8,7 @@ files match byte for byte and the container is running again there.
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,15 +18,19 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.table import Table
 
-from xdrive.sandbox.core import Sandbox, SandboxError
+from xdrive.errors import XdriveError
+from xdrive.launcher.aws import Aws, AwsTarget
+from xdrive.launcher.launch import LaunchOptions, LaunchResult, launch
+from xdrive.sandbox.core import REGION, SANDBOX_CREDENTIALS, Sandbox, SimInstance
 from xdrive.sandbox.dockerctl import import_busybox_image
 from xdrive.sandbox.settings import Latencies
+from xdrive.sandbox.userdata_boot import boot_from_userdata
 
 DRIVE = "demo"
 IMAGE = "xdrive/busybox:latest"
 # Slow enough to look like EC2's shape, fast enough for a demo.
 LATENCIES = Latencies(volume_create=1.0, attach=0.5, device_appear=0.3, detach=0.5, snapshot=2.0)
-console = Console()
+console = Console(width=max(110, Console().width))
 
 
 @dataclass
@@ -37,12 +42,6 @@ class Timeline:
         t = time.monotonic() - self.start
         self.rows.append((t, what, ids))
         console.print(f"[dim]{t:7.1f}s[/dim]  {what}  [cyan]{ids}[/cyan]")
-
-    def table(self) -> Table:
-        table = Table("t", "step", "resources", title="timeline")
-        for t, what, ids in self.rows:
-            table.add_row(f"{t:.1f}s", what, ids)
-        return table
 
 
 def manifest(root: Path) -> dict[str, str]:
@@ -69,7 +68,44 @@ def wait_for(check: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
         if value:
             return value
         time.sleep(0.2)
-    raise SandboxError(f"timed out waiting for {what}")
+    raise XdriveError(f"timed out waiting for {what}")
+
+
+def launch_with_launcher(
+    sb: Sandbox, tl: Timeline, instance_type: str, zone: str | None = None
+) -> SimInstance:
+    """`xdrive launch` against the sandbox's endpoint; the instance boots from its user-data."""
+    os.environ.update(SANDBOX_CREDENTIALS)  # the laptop's AWS credentials, sandbox edition
+    aws = Aws(AwsTarget(region=REGION, endpoint_url=sb.url))
+    subnet = None
+    if zone is not None:
+        subnets = sb.client().describe_subnets(
+            Filters=[
+                {"Name": "availability-zone", "Values": [zone]},
+                {"Name": "default-for-az", "Values": ["true"]},
+            ]
+        )["Subnets"]
+        subnet = subnets[0]["SubnetId"]
+    options = LaunchOptions(
+        drive=DRIVE, instance_type=instance_type, size_gib=1, subnet=subnet, gpu=False
+    )
+    result: LaunchResult = launch(aws, options)
+    assert result.instance is not None
+    iid = result.instance.id
+    plan = result.plan
+    price = f", spot ${plan.price:.4f}/h" if plan.price is not None else ""
+    tl.step(
+        f"xdrive launch {DRIVE} --instance-type {instance_type}: {plan.market} in "
+        f"{result.instance.availability_zone}{price}, IMDSv2 required, "
+        f"user-data {plan.userdata_bytes} bytes, agent {plan.agent.url}",
+        iid,
+    )
+    config = boot_from_userdata(sb, iid)
+    tl.step(
+        f"cloud-init stand-in: xdrive-agent started with the user-data's {DRIVE!r} config",
+        f"{config.volume.size_gib} GiB {config.volume.filesystem}",
+    )
+    return sb.instance(iid)
 
 
 def run_demo() -> bool:
@@ -78,9 +114,7 @@ def run_demo() -> bool:
     with Sandbox(latencies=LATENCIES) as sb:
         tl.step("sandbox up: moto EC2 with EC2's delays and checks, IMDS, loop devices", sb.url)
 
-        a = sb.launch("us-east-1a", "t3.micro", spot=True)
-        tl.step("launched spot instance A in us-east-1a", a.instance_id)
-        sb.start_agent(a.instance_id, sb.agent_config(a, DRIVE))
+        a = launch_with_launcher(sb, tl, "t3.micro")
         status = sb.wait_ready(a.instance_id)
         tl.step("A: xdrive-agent ready: " + (status.message or ""), status.volume_id or "")
 
@@ -128,9 +162,8 @@ def run_demo() -> bool:
         sb.terminate(a.instance_id)
         tl.step("A: reclaimed by AWS (terminated)", a.instance_id)
 
-        b = sb.launch("us-east-1b", "g5.xlarge", spot=True)
-        tl.step("launched spot instance B in us-east-1b (another zone, a GPU type)", b.instance_id)
-        sb.start_agent(b.instance_id, sb.agent_config(b, DRIVE))
+        other = "us-east-1b" if a.availability_zone != "us-east-1b" else "us-east-1c"
+        b = launch_with_launcher(sb, tl, "g5.xlarge", zone=other)
         status = sb.wait_ready(b.instance_id)
         tl.step("B: xdrive-agent ready: " + (status.message or ""), status.volume_id or "")
 
@@ -168,7 +201,6 @@ def run_demo() -> bool:
         tl.step("B: systemctl stop xdrive-agent: saved again")
     tl.step("sandbox down: agents, dockerd, mounts, loop devices all stopped")
 
-    console.print(tl.table())
     verdict = Table("check", "result", "detail", title="verdict")
     for what, ok, detail in checks:
         verdict.add_row(what, "[green]PASS[/green]" if ok else "[red]FAIL[/red]", detail)
@@ -187,7 +219,7 @@ def _running(client: Any, name: str) -> Any:
 def main() -> None:
     try:
         ok = run_demo()
-    except SandboxError as e:
+    except XdriveError as e:
         console.print(f"[red]demo failed:[/red] {e}")
         sys.exit(1)
     console.print(
