@@ -1,7 +1,7 @@
 """The systemd unit, the docker drop-in and the entry script that user-data installs.
 
 This module is the source of truth for these texts: the agent and the tests render them
-from here (agent/docker_setup.py carries its own copy of the drop-in for the sandbox).
+from here (the docker drop-in's text is the agent's own, agent/docker_setup.py).
 
 The boot order they set up: the agent (Type=notify) says READY once the drive is mounted at
 /v1; docker starts only after that and only if the agent started (After= + Requires= in the
@@ -11,6 +11,7 @@ agent saves the drive, then the network goes.
 
 from __future__ import annotations
 
+from xdrive.agent import docker_setup
 from xdrive.cloudinit import layout
 
 # A restore may wait for a pending snapshot or for a volume still detaching from a dead
@@ -76,22 +77,9 @@ WantedBy=multi-user.target
 
 
 def render_docker_dropin(*, agent_unit: str = layout.AGENT_UNIT, mountpoint: str = "/v1") -> str:
-    """The text of /etc/systemd/system/docker.service.d/xdrive.conf."""
-    return f"""\
-# Installed by xdrive user-data (source: xdrive.cloudinit.units).
-# docker's data-root is on the xdrive drive mounted at {mountpoint}.
-[Unit]
-# The agent is Type=notify: docker starts once the drive is restored and mounted. Units
-# stop in reverse order, so at shutdown docker and its containers stop before the agent
-# saves the drive.
-After={agent_unit}
-# Requires=, not Wants=: when the agent fails to start, docker does not start on an empty
-# {mountpoint} on the root disk; stopping the agent stops docker first. Not BindsTo=: the
-# agent's process exiting on its own must not take containers down while the drive is mounted.
-Requires={agent_unit}
-# After a save has unmounted the drive, socket activation must not start docker.
-AssertPathIsMountPoint={mountpoint}
-"""
+    """The text of /etc/systemd/system/docker.service.d/xdrive.conf: the agent's own, so
+    the agent's rewrite at boot finds the file unchanged (no daemon-reload needed)."""
+    return docker_setup.render_docker_dropin(agent_unit, mountpoint)
 
 
 def render_entry_script(*, lib_dir: str = layout.LIB_DIR, venv_dir: str = layout.VENV_DIR) -> str:
