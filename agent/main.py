@@ -28,10 +28,10 @@ from xdrive.agent.boot import BootRunner, MountedDrive
 from xdrive.agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
 from xdrive.agent.docker_setup import DockerControl
 from xdrive.agent.dockerize import configure_docker, start_docker_on_drive
-from xdrive.agent.imds import ImdsClient, InstanceIdentity
+from xdrive.agent.imds import ImdsClient, InstanceIdentity, InterruptionNotice
 from xdrive.agent.notify import Notifier, setup_logging
-from xdrive.agent.save import Saver, SaveRequest, deadline_from_notice
-from xdrive.agent.state import AgentStatus, read_status, status_path
+from xdrive.agent.save import CheckpointRunner, Saver, SaveRequest, deadline_from_notice
+from xdrive.agent.state import AgentStatus, SaveRecord, initial_status, read_status, status_path
 from xdrive.agent.watch import (
     Event,
     InterruptionMonitor,
@@ -48,23 +48,31 @@ log = logging.getLogger("xdrive.agent")
 
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus, retrying cannot help
 EXIT_BUSY = 75  # EX_TEMPFAIL: another instance holds the drive; systemd retries later
-# systemd's TimeoutStopSec for the unit is 150 s; keep a margin for our own exit.
+# A save on SIGTERM gets this long: the unit's TimeoutStopSec is 150 s
+# (cloudinit/units.py STOP_TIMEOUT_S), and the agent must exit before systemd kills it.
 SHUTDOWN_BUDGET_S = 140.0
 
 
 class StatusFile:
-    """The agent's state for `xdrive-agent status`, rewritten atomically on every change."""
+    """The agent's state for `xdrive-agent status`, rewritten atomically on every change
+    (from the main thread and the checkpoint thread, hence the lock)."""
 
     def __init__(self, path: Path, status: AgentStatus) -> None:
         self.path = path
         self.current = status
+        self._lock = threading.Lock()
         self.write()
 
     def update(self, **changes: object) -> None:
-        self.current = self.current.with_(**changes)
-        self.write()
+        with self._lock:
+            self.current = self.current.with_(**changes)
+            self._write_locked()
 
     def write(self) -> None:
+        with self._lock:
+            self._write_locked()
+
+    def _write_locked(self) -> None:
         stamped = self.current.with_(
             updated_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), pid=os.getpid()
         )
@@ -80,9 +88,8 @@ class Agent:
         self.docker = DockerControl(
             start_argv=config.docker.start_command, stop_argv=config.docker.stop_command
         )
-        self.status = StatusFile(
-            status_path(config.host_path(config.state_dir)), AgentStatus(drive=config.drive)
-        )
+        state_dir = config.host_path(config.state_dir)
+        self.status = StatusFile(status_path(state_dir), initial_status(state_dir, config.drive))
 
     def run(self) -> int:
         me = self.imds.identity()
@@ -113,14 +120,10 @@ class Agent:
             summary += f"; docker on {self.config.mountpoint}/docker"
             self.status.update(docker_root=root)
         monitors = self._monitors(me)
-        watching = describe_watch(monitors)
-        self.status.update(
-            phase="ready",
-            message=f"{summary}; {watching}",
-            watching=tuple(m.name for m in monitors),
-        )
-        self.notifier.status(f"{summary}; {watching}")
-        return self._watch(ec2, me, drive, monitors)
+        summary += f"; {describe_watch(monitors)}"
+        self.status.update(phase="ready", message=summary, watching=tuple(m.name for m in monitors))
+        self.notifier.status(summary)
+        return self._watch_then_save(ec2, me, drive, monitors, summary)
 
     def _monitors(self, me: InstanceIdentity) -> list[Monitor]:
         monitors: list[Monitor] = []
@@ -132,45 +135,101 @@ class Agent:
             monitors.append(PeriodicCheckpoint(self.config.watch.checkpoint_interval_s))
         return monitors
 
-    def _watch(
-        self, ec2: Ec2, me: InstanceIdentity, drive: MountedDrive, monitors: list[Monitor]
+    def _watch_then_save(
+        self,
+        ec2: Ec2,
+        me: InstanceIdentity,
+        drive: MountedDrive,
+        monitors: list[Monitor],
+        summary: str,
     ) -> int:
+        """Watch until the end, then save once, whatever ended the watch.
+
+        - terminate notice: the full save, by the notice's time.
+        - stop/hibernate notice: the instance will resume with the drive's volume still
+          attached. Checkpoint at once (a hibernation brings no shutdown at all); the OS
+          shutdown of a stop (SIGTERM) then gets the full save without the detach: the
+          instance starts again on the same volume (no restore, no lazy loading), and the
+          final snapshot holds the drive should it never start again.
+        - rebalance recommendation, periodic timer: a checkpoint; work goes on.
+        - SIGTERM (shutdown, user termination, `systemctl stop`): the full save, by the
+          unit's stop timeout, or by a notice's time if one is posted.
+        """
         saver = Saver(self.config, ec2, me, self.notifier, self.docker)
-        noticed: dict[str, float] = {}
+
+        def checkpointed(record: SaveRecord) -> None:
+            self.status.update(last_checkpoint=record)
+            self.notifier.status(f"{summary}; last checkpoint {record.snapshot_id}")
+
+        checkpoints = CheckpointRunner(saver, drive, checkpointed)
+        spot_stop: list[Event] = []  # stop/hibernate notices seen: the instance resumes later
 
         def on_event(event: Event) -> bool:
-            noticed[event.kind] = time.monotonic()
             if event.kind == "terminate":
                 return True
-            if event.kind in ("stop", "hibernate", "rebalance", "periodic"):
-                # stop/hibernate keep the volume attached: flush and checkpoint; the OS
-                # shutdown that follows a stop runs the full save through systemd.
-                try:
-                    record = saver.checkpoint(drive, event.kind, noticed[event.kind])
-                    self.status.update(last_checkpoint=record)
-                except XdriveError as e:
-                    log.error("checkpoint failed: %s", e)
+            if event.kind in ("stop", "hibernate"):
+                # The volume stays attached and the instance resumes with it: checkpoint now
+                # (a hibernation gets no shutdown; a stop's shutdown saves through systemd).
+                spot_stop.append(event)
+                checkpoints.start(f"spot-{event.kind}", time.monotonic())
+            elif event.kind in ("rebalance", "periodic"):
+                checkpoints.start(event.kind, time.monotonic())
             return False
 
         event = WatchLoop(
             monitors, self.config.watch.poll_interval_s, self.stop_requested, on_event
         ).run()
-        now = time.monotonic()
-        if event.kind == "terminate":
-            deadline = deadline_from_notice(event.time, now, datetime.now(timezone.utc))
-            request = SaveRequest("spot-interruption", deadline, noticed[event.kind])
-        else:
-            request = SaveRequest("shutdown", now + SHUTDOWN_BUDGET_S, now)
-        self.status.update(phase="saving")
-        record = saver.save_drive(drive, request)
+        request = self._save_request(event, me, stopping=spot_stop[-1].kind if spot_stop else None)
+        # A frozen drive would keep docker from stopping: the checkpoint ends first.
+        checkpoints.finish(timeout_s=min(10.0, max(1.0, (request.deadline - time.monotonic()) / 6)))
+        self.status.update(phase="saving", message=f"saving ({request.reason})")
+        try:
+            record = saver.save_drive(drive, request)
+        except XdriveError as e:
+            self.status.update(phase="failed", message=f"save failed: {e}")
+            raise
         self.status.update(phase="saved", last_save=record, message=self.notifier.last_status)
         self.notifier.status(
             f"saved {drive.volume_id} as {record.snapshot_id} ({record.kind}, {request.reason})"
         )
-        if event.kind == "terminate":
-            # The instance is about to go; stay until systemd stops us (nothing left to save).
+        if request.reason == "spot-interruption" and event.kind != "shutdown":
+            # The instance is about to go: stay, with nothing left to do, until systemd stops
+            # us, so a SIGTERM arriving now does not find a unit that already exited.
             self.stop_requested.wait()
         return 0
+
+    def _save_request(
+        self, event: Event, me: InstanceIdentity, stopping: Optional[str] = None
+    ) -> SaveRequest:
+        """Exactly one save follows the watch, whatever ended it; its deadline is the
+        earliest known: the notice's time, or systemd's stop timeout."""
+        now = time.monotonic()
+        shutdown_deadline = now + SHUTDOWN_BUDGET_S
+        if event.kind == "terminate":
+            deadline = deadline_from_notice(event.time, now, datetime.now(timezone.utc))
+            return SaveRequest("spot-interruption", deadline, now)
+        # SIGTERM: a notice posted since the last poll still sets the deadline and reason.
+        notice = self._notice_now(me)
+        if notice is not None and notice.action == "terminate":
+            deadline = deadline_from_notice(notice.time, now, datetime.now(timezone.utc))
+            return SaveRequest("spot-interruption", min(deadline, shutdown_deadline), now)
+        if notice is not None and notice.action in ("stop", "hibernate"):
+            stopping = notice.action
+        if stopping:
+            return SaveRequest(f"spot-{stopping}", shutdown_deadline, now, detach=False)
+        return SaveRequest("shutdown", shutdown_deadline, now)
+
+    def _notice_now(self, me: InstanceIdentity) -> Optional[InterruptionNotice]:
+        if me.life_cycle != "spot":
+            return None
+        quick = ImdsClient(self.config.imds_url, timeout_s=0.5, attempts=1)
+        try:
+            return quick.interruption()
+        except XdriveError as e:
+            log.info("no interruption notice readable at shutdown: %s", e)
+            return None
+        finally:
+            quick.close()
 
 
 def _install_signal_handlers(stop: threading.Event) -> None:
@@ -225,23 +284,42 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _human_status(s: AgentStatus) -> str:
-    lines = [f"drive {s.drive}: {s.phase}" + (f" - {s.message}" if s.message else "")]
+    rows: list[tuple[str, str]] = []
     if s.volume_id:
         origin = f" from {s.restored_from}" if s.restored_from else ""
-        lines.append(f"  volume:      {s.volume_id}{origin}, generation {s.generation}")
-        lines.append(f"  mounted at:  {s.mountpoint} ({s.device})")
+        rows.append(("volume", f"{s.volume_id}{origin}, generation {s.generation}"))
+        rows.append(("mounted at", f"{s.mountpoint} ({s.device})"))
     if s.docker_root:
-        lines.append(f"  docker root: {s.docker_root}")
+        rows.append(("docker root", s.docker_root))
     if s.watching:
-        lines.append(f"  watching:    {', '.join(s.watching)}")
+        rows.append(("watching", ", ".join(s.watching)))
     for label, rec in (("last save", s.last_save), ("last checkpoint", s.last_checkpoint)):
         if rec:
-            lines.append(
-                f"  {label + ':':<12} {rec.snapshot_id} ({rec.kind}, {rec.reason}) "
-                f"at {rec.requested_at}"
-            )
-    lines.append(f"  instance:    {s.instance_id} in {s.availability_zone}; updated {s.updated_at}")
-    return "\n".join(lines)
+            rows.append((label, _describe_record(rec)))
+    rows.append(("instance", f"{s.instance_id} in {s.availability_zone}; updated {s.updated_at}"))
+    head = f"drive {s.drive}: {s.phase}" + (f" - {s.message}" if s.message else "")
+    return "\n".join([head] + [f"  {label + ':':<17}{text}" for label, text in rows])
+
+
+def _describe_record(rec: SaveRecord) -> str:
+    text = (
+        f"{rec.snapshot_id} of {rec.volume_id} (generation {rec.generation}, {rec.kind}, "
+        f"{rec.reason}) requested {rec.requested_at}"
+    )
+    if rec.seconds_from_notice is not None:
+        text += f", {rec.seconds_from_notice:.1f} s after the notice"
+    if rec.seconds_to_deadline is not None and rec.reason == "spot-interruption":
+        text += f", {rec.seconds_to_deadline:.0f} s before the deadline"
+    done = [
+        w
+        for w, yes in (
+            ("detached", rec.detached),
+            ("completed", rec.completed),
+            ("volume deleted", rec.volume_deleted),
+        )
+        if yes
+    ]
+    return text + (f"; {', '.join(done)}" if done else "")
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -1,13 +1,15 @@
 """What the agent is doing now, on disk, so `xdrive-agent status` can tell a human or a script.
 
 Written atomically after every step; never read back to make decisions (EC2 tags are the
-truth about the drive, this file only describes this agent).
+truth about the drive, this file only describes this agent). The last save and the last
+checkpoint are carried over from the previous run on the same instance, so they survive a
+stop and start.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -16,14 +18,24 @@ Phase = Literal["starting", "restoring", "ready", "saving", "saved", "failed", "
 
 @dataclass(frozen=True)
 class SaveRecord:
+    """One snapshot the agent requested: a final save or a checkpoint."""
+
     snapshot_id: str
     volume_id: str
     generation: int
-    kind: str  # final | checkpoint
-    reason: str
-    requested_at: str
-    seconds_from_notice: Optional[float] = None
-    completed: bool = False
+    kind: str  # final | checkpoint (a save that had to freeze instead of unmount is one)
+    reason: str  # spot-interruption | spot-stop | shutdown | rebalance | periodic | ...
+    requested_at: str  # ISO time the CreateSnapshot request was sent
+    seconds_from_notice: Optional[float] = None  # from the moment the agent learned why
+    seconds_to_deadline: Optional[float] = None  # left when requested (negative: late)
+    detached: bool = False
+    completed: bool = False  # the agent saw the snapshot completed
+    volume_deleted: bool = False  # ... and then deleted the volume it holds
+
+    @staticmethod
+    def from_dict(raw: dict[str, Any]) -> SaveRecord:
+        known = {f.name for f in fields(SaveRecord)}
+        return SaveRecord(**{k: v for k, v in raw.items() if k in known})
 
 
 @dataclass(frozen=True)
@@ -57,9 +69,11 @@ class AgentStatus:
         raw = json.loads(text)
         for key in ("last_save", "last_checkpoint"):
             if raw.get(key):
-                raw[key] = SaveRecord(**raw[key])
+                raw[key] = SaveRecord.from_dict(raw[key])
         raw["watching"] = tuple(raw.get("watching") or ())
-        return AgentStatus(**raw)
+        # A file written by another version may carry keys this one does not know.
+        known = {f.name for f in fields(AgentStatus)}
+        return AgentStatus(**{k: v for k, v in raw.items() if k in known})
 
 
 def status_path(state_dir: Path) -> Path:
@@ -71,3 +85,17 @@ def read_status(state_dir: Path) -> Optional[AgentStatus]:
         return AgentStatus.from_json(status_path(state_dir).read_text())
     except FileNotFoundError:
         return None
+
+
+def initial_status(state_dir: Path, drive: str) -> AgentStatus:
+    """A fresh status for this run, keeping the previous run's last save and checkpoint
+    of the same drive (a broken old file is ignored: it only describes the past)."""
+    try:
+        previous = read_status(state_dir)
+    except (ValueError, TypeError, OSError):
+        previous = None
+    if previous is None or previous.drive != drive:
+        return AgentStatus(drive=drive)
+    return AgentStatus(
+        drive=drive, last_save=previous.last_save, last_checkpoint=previous.last_checkpoint
+    )

@@ -294,6 +294,9 @@ def start_dockerd(root: Path, timeout_s: float = 30.0) -> int:
         for d in (p.socket.parent, p.log.parent):
             d.mkdir(parents=True, exist_ok=True)
         with open(p.log, "ab") as log:
+            # Not the agent's NOTIFY_SOCKET: dockerd would send its own READY=1 and
+            # STOPPING=1 there (in production docker.service has its own socket).
+            env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
@@ -301,6 +304,7 @@ def start_dockerd(root: Path, timeout_s: float = 30.0) -> int:
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
                 close_fds=True,
+                env=env,
             )
         pid = proc.pid
     deadline = time.monotonic() + timeout_s
