@@ -194,7 +194,15 @@ class BootRunner:
     def _attach(self, volume: Volume) -> None:
         device = self.config.volume.device_name
         self.notifier.status(f"attaching {volume.id} as {device}")
-        self.ec2.attach_volume(volume.id, self.me.instance_id, device)
+        try:
+            self.ec2.attach_volume(volume.id, self.me.instance_id, device)
+        except Ec2ApiError as e:
+            if e.code != "VolumeInUse":
+                raise
+            # Another instance attached it between our look and our claim: the next
+            # decision sees who holds it (and refuses: one writer per drive).
+            log.warning("%s was attached elsewhere meanwhile: looking again", volume.id)
+            return
         self._wait_attached(volume)
 
     def _wait_attached(self, volume: Volume) -> None:

@@ -161,8 +161,17 @@ class DriveState:
     snapshot: Optional[Snapshot]
 
     @property
-    def key(self) -> tuple[int, int, datetime, str]:
-        return (self.generation, self.rank, self.time, self.tiebreak_id)
+    def key(self) -> tuple[int, int, float, tuple[int, ...]]:
+        """Sort key, newest last. Among unsaved volumes of one generation the *first*
+        created ranks highest: they are siblings restored from one state by instances that
+        raced for the drive, and the first claim wins. Every agent ranks them alike, so
+        exactly one uses its volume and the others refuse (one writer per drive); the first
+        is also the one that was written if a loser's copy was left behind."""
+        ts = self.time.timestamp()
+        ident = tuple(ord(c) for c in self.tiebreak_id)
+        if self.rank == RANK_UNSAVED_VOLUME:
+            return (self.generation, self.rank, -ts, tuple(-c for c in ident))
+        return (self.generation, self.rank, ts, ident)
 
 
 def usable_volumes(volumes: Iterable[Volume]) -> tuple[Volume, ...]:

@@ -256,10 +256,28 @@ CASES: dict[str, Case] = {
         step=MigrateVolume,
         target="vol-new",
     ),
-    "duplicate unsaved volumes of one generation: the later, deterministically": Case(
+    "duplicate unsaved volumes of one generation: the first created, deterministically": Case(
         volumes=(vol("vol-a", 4, t=1), vol("vol-b", 4, az=THERE, t=2)),
-        step=MigrateVolume,
-        target="vol-b",
+        step=UseVolume,
+        target="vol-a",
+    ),
+    "race: a sibling created first is held elsewhere: refuse, even with ours attached": Case(
+        volumes=(
+            vol("vol-theirs", 4, t=1, on="i-rival"),
+            vol("vol-ours", 4, t=2, on=ME),
+        ),
+        instances=(inst("i-rival", "running"),),
+        step=Refuse,
+        target="vol-theirs",
+    ),
+    "race: ours was created first: use it; the later sibling elsewhere refuses itself": Case(
+        volumes=(
+            vol("vol-ours", 4, t=1, on=ME),
+            vol("vol-theirs", 4, t=2, on="i-rival"),
+        ),
+        instances=(inst("i-rival", "running"),),
+        step=UseVolume,
+        target="vol-ours",
     ),
     "unsaved sibling does not outrank a final of its generation from another volume": Case(
         volumes=(vol("vol-orphan", 6, t=0),),
