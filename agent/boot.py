@@ -298,10 +298,17 @@ class BootRunner:
         if fstype == "ext4" and not already and filesystem.ext4_needs_grow(device):
             self.notifier.status(f"growing the filesystem on {volume.id}")
             filesystem.grow_unmounted(device, fstype)
+        if already and filesystem.thaw(mountpoint):
+            # An agent killed inside a checkpoint (between fsfreeze -f and -u) leaves the
+            # drive frozen: every write would hang. Found by the chaos harness.
+            log.warning("%s was left frozen by a killed agent: thawed it", mountpoint)
         filesystem.mount(device, mountpoint, fstype)
         if fstype == "xfs":
             filesystem.grow_filesystem(device, mountpoint, fstype)
         self._created_unmounted.discard(volume.id)
+        # Copies this boot made while another instance raced for the drive and never wrote
+        # (their content is a completed snapshot or nothing): left, they would be leftovers.
+        self._release_unmounted()
         # Made by this instance (this run, or one killed before it): a restore or a new
         # volume. Anything else was reattached, whatever snapshot it once came from.
         made_here = volume.created_by == self.me.instance_id
