@@ -135,6 +135,14 @@ class BootRunner:
                 if attachment.state != "attached":
                     self._wait_attached(step.volume)
                     continue
+                mounted = filesystem.is_mounted(self.config.mount_path) is not None
+                rival = None if mounted else plan.rival_writer(observed, step.volume)
+                if rival is not None:
+                    if step.volume.id not in self._created_unmounted:
+                        # Attached by this boot, never mounted: hand it back untouched.
+                        self.ec2.detach_volume(step.volume.id, self.me.instance_id)
+                    self._release_unmounted()
+                    raise DriveBusy(rival.reason, "the other instance keeps the drive")
                 return self._mount(step, observed)
             if isinstance(step, plan.Refuse):
                 raise DriveBusy(step.reason, "terminate or stop xdrive on that instance first")

@@ -379,6 +379,32 @@ def _decide_for_volume(observed: Observed, newest: DriveState, v: Volume) -> Ste
     )
 
 
+def rival_writer(observed: Observed, v: Volume) -> Optional[Refuse]:
+    """Before this instance first mounts ``v``: an unsaved volume of the drive, at least as
+    new, held by another live instance means someone may be writing the drive now.
+
+    The ordering makes racing agents agree when they look after every copy exists; this
+    covers copies that appear after the other agent looked (EC2's creation times have one
+    second of resolution in places, and its views can lag). Not for a drive this agent
+    has already mounted: the established writer keeps it.
+    """
+    for w in usable_volumes(observed.volumes):
+        holder_id = w.attached_instance
+        if w.id == v.id or holder_id is None or holder_id == observed.instance_id:
+            continue
+        holder = observed.instances.get(holder_id) or forgotten_instance(holder_id)
+        if holder.is_live and w.generation >= v.generation and not is_saved(w, observed.snapshots):
+            return Refuse(
+                w,
+                holder,
+                "attached-elsewhere",
+                reason=f"{w.id} (generation {w.generation}, unsaved) of this drive is attached "
+                f"to {holder.id} ({holder.state}): one writer per drive; stop using the drive "
+                f"there (or terminate {holder.id}) first",
+            )
+    return None
+
+
 def _use(v: Volume, observed: Observed, reason: str) -> UseVolume:
     generation = generation_to_write(v, observed.snapshots)
     if generation != v.generation:

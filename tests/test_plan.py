@@ -778,3 +778,18 @@ def test_random_drive_states_keep_the_invariants() -> None:
         Refuse,
         CreateEmpty,
     }
+
+
+def test_rival_writer_refuses_a_first_mount_while_another_live_instance_holds_a_copy() -> None:
+    """Copies that appear after the other agent looked: the one already in use keeps it."""
+    from xdrive.agent.plan import rival_writer
+
+    ours = vol("vol-ours", 4, t=2, on=ME)
+    theirs = vol("vol-theirs", 4, t=2, on="i-rival")
+    live = Observed(ME, HERE, (ours, theirs), (), {"i-rival": inst("i-rival", "running")})
+    refused = rival_writer(live, ours)
+    assert refused is not None and refused.volume.id == "vol-theirs"
+    gone = Observed(ME, HERE, (ours, theirs), (), {"i-rival": inst("i-rival", "terminated")})
+    assert rival_writer(gone, ours) is None
+    older = vol("vol-theirs", 3, t=2, on="i-rival")
+    assert rival_writer(Observed(ME, HERE, (ours, older), (), live.instances), ours) is None
