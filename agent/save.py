@@ -259,7 +259,7 @@ class DockerStop:
         )
         daemon = self._dockerd()
         stopper = _Background("docker-stop", lambda: self.control.stop(timeout_s=left + 30))
-        done = stopper.wait(until - self.monotonic())
+        done = self._wait_stopped(stopper, daemon, until)
         if done and stopper.error is not None and daemon is not None and process_running(*daemon):
             # The stop command failed (no systemctl, a unit error): do what it would have
             # done, so that the daemon, not the agent, stops the containers.
@@ -294,6 +294,24 @@ class DockerStop:
         elif stopper.error is not None:
             # The data matters more than a clean daemon stop: unmount ends what is left.
             log.warning("docker did not stop cleanly: %s", stopper.error)
+
+    def _wait_stopped(
+        self, stopper: _Background, daemon: Optional[tuple[int, Optional[str]]], until: float
+    ) -> bool:
+        """Until the stop command returns, or dockerd is gone, or ``until``.
+
+        At shutdown systemd has stopped docker.service before the agent (the drop-in's
+        After=), but docker.socket's stop job waits for the agent: a blocking `systemctl stop
+        docker.socket` would hold the save until its timeout. What matters is dockerd being
+        gone, so that ends the wait too (found by the e2e boot under systemd).
+        """
+        while True:
+            if stopper.wait(min(0.1, max(0.0, until - self.monotonic()))):
+                return True
+            if daemon is None or not process_running(*daemon):
+                return True
+            if self.monotonic() >= until:
+                return False
 
     def _dockerd(self) -> Optional[tuple[int, Optional[str]]]:
         """The running dockerd (pid, start time) from its pidfile, or None."""
