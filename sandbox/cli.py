@@ -38,6 +38,14 @@ def _running(state_dir: Path) -> Optional[dict[str, Any]]:
     return state
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def _require(state_dir: Path) -> dict[str, Any]:
     state = _running(state_dir)
     if state is None:
@@ -114,7 +122,7 @@ def down(state_dir: Path) -> None:
     pid = int(state["pid"])
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 120
-    while _running(state_dir) is not None:
+    while _running(state_dir) is not None or _alive(pid):
         if time.monotonic() > deadline:
             raise XdriveError(f"the sandbox (pid {pid}) did not stop", f"kill {pid}")
         time.sleep(0.2)

@@ -352,8 +352,15 @@ class Sandbox:
         self._kill_agent(self.instance(instance_id))
 
     def _kill_agent(self, inst: SimInstance) -> None:
-        if inst.agent is not None and inst.agent.poll() is None:
-            inst.agent.kill()
+        """SIGKILL the agent and its process group (its session, by its PID): a child it
+        was running (a docker stop, an fsfreeze) must not outlive it and touch the drive."""
+        if inst.agent is None:
+            return
+        try:
+            os.killpg(inst.agent.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if inst.agent.poll() is None:
             inst.agent.wait(timeout=30)
 
     def _stop_docker(self, inst: SimInstance) -> None:

@@ -35,10 +35,13 @@ def main() -> None:
         tmp.rename(state_file)
         shutdown.wait()
     finally:
-        state_file.unlink(missing_ok=True)
-        sandbox.close()
-        work = str(state_dir / "work")
-        subprocess.run(["rm", "-rf", "--one-file-system", work], check=False)
+        # Teardown first: `xdrive sandbox down` returns once this file is gone.
+        try:
+            sandbox.close()
+            work = str(state_dir / "work")
+            subprocess.run(["rm", "-rf", "--one-file-system", work], check=False)
+        finally:
+            state_file.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
