@@ -49,6 +49,9 @@ SANDBOX_CREDENTIALS = {
 }
 
 
+AGENT_ACCESS_KEY = "sandboxagent"  # the agents' stand-in for an instance profile's key
+
+
 class SandboxError(XdriveError):
     """Misuse of the sandbox: unknown instance, not started, already closed."""
 
@@ -275,6 +278,8 @@ class Sandbox:
         env = {
             **os.environ,
             **SANDBOX_CREDENTIALS,
+            # Its own key (moto accepts any), so recorded calls tell the agent's from others'.
+            "AWS_ACCESS_KEY_ID": AGENT_ACCESS_KEY,
             "NOTIFY_SOCKET": str(inst.notify.path),
             "PYTHONUNBUFFERED": "1",
         }

@@ -69,6 +69,7 @@ class RecordedCall:
     action: str  # AttachVolume; for REST-style services "METHOD /path"
     status: int  # HTTP status of the answer
     error_code: Optional[str] = None  # EC2 error code when status >= 400
+    access_key: str = ""  # who called: the IAM policy test tells the agent from the launcher
 
     @property
     def iam_action(self) -> str:
@@ -476,7 +477,7 @@ class Ec2Fidelity:
         form = _read_form(environ)
         action = _action_of(environ, form)
         if signed.service != "ec2":
-            return self._pass_through(environ, start_response, signed.service, action)
+            return self._pass_through(environ, start_response, signed, action)
 
         request = _Ec2Request(
             environ=dict(environ),
@@ -489,7 +490,7 @@ class Ec2Fidelity:
         except Exception as e:  # a sandbox bug: still answer in EC2's format, and say why
             log.exception("sandbox EC2 failed on %s", action)
             reply = ec2_error("InternalError", f"sandbox failure: {e!r}", 500)
-        self._record(RecordedCall("ec2", action, reply.status, reply.error_code))
+        self._record(RecordedCall("ec2", action, reply.status, reply.error_code, signed.access_key))
         for step in reply.after:  # hooks: outside the lock, before the caller hears back
             try:
                 step()
@@ -505,11 +506,12 @@ class Ec2Fidelity:
         self,
         environ: dict[str, Any],
         start_response: Callable[..., Any],
-        service: str,
+        signed: _Signed,
         action: str,
     ) -> Any:
         def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
-            self._record(RecordedCall(service, action, int(status.split(" ", 1)[0])))
+            code = int(status.split(" ", 1)[0])
+            self._record(RecordedCall(signed.service, action, code, None, signed.access_key))
             return start_response(status, headers, exc_info)
 
         return self._app(environ, recording_start_response)
