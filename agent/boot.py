@@ -234,9 +234,11 @@ class BootRunner:
     def _clean_up(self, volume_ids: tuple[str, ...]) -> None:
         # plan.cleanup_candidates only offers detached volumes whose content is in a
         # completed final snapshot; re-check on fresh data right before deleting.
+        if not volume_ids:
+            return
+        snaps = self.ec2.drive_snapshots(self.config.drive)  # one fresh read for this pass
         for vid in volume_ids:
             fresh = self.ec2.volume(vid)
-            snaps = self.ec2.drive_snapshots(self.config.drive)
             if fresh is None or fresh.attachment is not None or not plan.is_saved(fresh, snaps):
                 continue
             log.info("deleting %s: its content is in a completed snapshot", vid)

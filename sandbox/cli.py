@@ -32,10 +32,10 @@ def _running(state_dir: Path) -> Optional[dict[str, Any]]:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     try:
-        os.kill(int(state["pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError):
+        pid = int(state["pid"])
+    except (KeyError, ValueError):
         return None
-    return state
+    return state if _alive(pid) else None
 
 
 def _alive(pid: int) -> bool:

@@ -7,7 +7,6 @@ even after failures. Only endpoints and a root prefix differ from production.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -437,10 +436,6 @@ class Sandbox:
                 for iid, inst in self.instances.items()
             },
         }
-
-
-def dump(obj: Any) -> str:
-    return json.dumps(obj, indent=2, sort_keys=True, default=str)
 
 
 __all__ = ["REGION", "ZONES", "Faults", "Latencies", "Sandbox", "SandboxError", "SimInstance"]
