@@ -236,7 +236,7 @@ def launcher_policy(scope: PolicyScope = PolicyScope()) -> dict[str, Any]:
         ),
         _statement(
             "XdriveManageGroup",
-            ["autoscaling:DeleteAutoScalingGroup", "autoscaling:UpdateAutoScalingGroup"],
+            ["autoscaling:DeleteAutoScalingGroup"],  # ForceDelete: no resize to 0 first
             ["arn:aws:autoscaling:*:*:autoScalingGroup:*:autoScalingGroupName/xdrive-*"],
             _tagged("ResourceTag", scope),
         ),

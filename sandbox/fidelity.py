@@ -32,6 +32,7 @@ from typing import Any, Literal, Optional
 from urllib.parse import parse_qsl, urlencode
 
 from xdrive.sandbox.blocks import BlockPlane, BlockPlaneError
+from xdrive.sandbox.s3actions import s3_action
 from xdrive.sandbox.settings import Faults, Latencies
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,7 @@ class RecordedCall:
     """One API call as it reached the sandbox, with how it was answered."""
 
     service: str  # the SigV4 signing name: ec2, ssm, sts, autoscaling, iam, ...
-    action: str  # AttachVolume; for REST-style services "METHOD /path"
+    action: str  # AttachVolume; for S3 the action IAM authorizes the request as
     status: int  # HTTP status of the answer
     error_code: Optional[str] = None  # EC2 error code when status >= 400
     access_key: str = ""  # who called: the IAM policy test tells the agent from the launcher
@@ -107,7 +108,13 @@ def _read_form(environ: dict[str, Any]) -> list[tuple[str, str]]:
     return parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
 
 
-def _action_of(environ: dict[str, Any], form: Sequence[tuple[str, str]]) -> str:
+def _action_of(environ: dict[str, Any], form: Sequence[tuple[str, str]], service: str) -> str:
+    if service == "s3":  # REST: the action IAM authorizes the request as
+        return s3_action(
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("PATH_INFO", "/"),
+            environ.get("QUERY_STRING", ""),
+        )
     for key, value in form:
         if key == "Action":
             return value
@@ -383,6 +390,7 @@ class Ec2Fidelity:
             "DescribeInstances": self._describe_instances,
             "RunInstances": self._run_instances,
             "TerminateInstances": self._terminate_instances,
+            "CreateLaunchTemplateVersion": self._create_launch_template_version,
         }
 
     # -- settings and bookkeeping -----------------------------------------------------------
@@ -475,7 +483,7 @@ class Ec2Fidelity:
         if signed is None:  # moto-api, IMDS stub, ...: not an AWS API call
             return self._app(environ, start_response)
         form = _read_form(environ)
-        action = _action_of(environ, form)
+        action = _action_of(environ, form, signed.service)
         if signed.service != "ec2":
             return self._pass_through(environ, start_response, signed, action)
 
@@ -553,6 +561,20 @@ class Ec2Fidelity:
                 close()
         content_type = dict(started.get("headers") or []).get("Content-Type", "text/xml")
         return _Reply(int(str(started["status"]).split(" ", 1)[0]), b"".join(chunks), content_type)
+
+    def _create_launch_template_version(self, request: _Ec2Request) -> _Reply:
+        """moto keeps a new version's UserData as the raw string (its CreateLaunchTemplate
+        decodes it), and its Auto Scaling then fails on the version: store it decoded too."""
+        reply = self._forward(request)
+        name = request.get("LaunchTemplateName")
+        if reply.ok and name:
+            from moto.ec2.utils import parse_user_data
+
+            template = request.where.backend().get_launch_template_by_name(name)
+            data = template.versions[-1].data
+            if isinstance(data.get("UserData"), str):
+                data["UserData"] = parse_user_data(data["UserData"])
+        return reply
 
     def _now(self) -> float:
         return self._clock()

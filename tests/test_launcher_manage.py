@@ -27,7 +27,6 @@ from tests.launcher_fixtures import (  # noqa: F401 (fixtures)
 )
 from xdrive import __version__, tags
 from xdrive.ec2 import Ec2
-from xdrive.launcher.iam import launcher_policy, policy_actions
 from xdrive.sandbox.core import Sandbox
 from xdrive.sandbox.settings import Latencies
 
@@ -269,42 +268,14 @@ def test_userdata_with_a_given_url_needs_no_aws(tmp_path: Path) -> None:
     assert "go together" in one_line_error(run("userdata", "work", "--agent-url", url, env=env))
 
 
-def test_iam_policy_prints_both_roles_and_covers_every_call_the_launcher_made(
-    aws_env: Sandbox, ec2: Ec2
-) -> None:
+def test_iam_policy_prints_both_roles_or_one_scoped_to_a_drive() -> None:
+    """(That each policy is exactly what its caller uses: tests/test_iam_*_policy.py.)"""
     printed = run("iam-policy")
     assert printed.exit_code == 0
     documents = json.loads(printed.stdout)
     assert set(documents) == {"agent", "launcher"}
     agent_only = json.loads(run("iam-policy", "--role", "agent", "--drive", "work").stdout)
     assert agent_only["Version"] == "2012-10-17" and "work" in json.dumps(agent_only)
-
-    make_snapshot(ec2, make_volume(ec2, "old"))
-    make_volume(ec2, "left", "us-east-1b")
-    aws_env.fidelity.clear_recorded()
-    for args in (
-        ("launch", "work", "--json"),
-        ("status", "--json"),
-        ("ls", "--json"),
-        ("snapshots", "old", "--json"),
-        ("prices", "t3.micro", "--json"),
-        ("save", "left", "--json"),
-        ("prune", "old", "--keep", "1", "--json"),
-        ("stop", "work", "--json"),
-        ("launch", "auto", "--auto-resume", "--json"),
-        ("stop", "auto", "--json"),
-        ("rm", "old", "--yes", "--json"),
-        ("userdata", "work"),
-    ):
-        assert run(*args).exit_code == 0, args
-    called = {
-        c.iam_action
-        for c in aws_env.fidelity.recorded_actions()
-        if c.service not in ("s3", "sts")  # s3 is REST (no action names); sts needs no grant
-    }
-    assert {"ec2:RunInstances", "iam:CreateRole", "autoscaling:CreateAutoScalingGroup"} <= called
-    allowed = policy_actions(launcher_policy())
-    assert called <= allowed, f"called but not in the launcher policy: {sorted(called - allowed)}"
 
 
 @pytest.mark.parametrize("command", ["ls", "status", "save", "prune", "rm", "stop", "snapshots"])
