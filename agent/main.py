@@ -45,6 +45,8 @@ from xdrive.ec2 import Ec2, make_ec2_client
 from xdrive.errors import ConfigError, DriveBusy, XdriveError
 
 log = logging.getLogger("xdrive.agent")
+# IMDS reads of the instance profile's credentials before boto3 gives up (see make_ec2_client).
+CREDENTIAL_ATTEMPTS = 5
 
 EXIT_CONFIG = 78  # EX_CONFIG: the unit's RestartPreventExitStatus, retrying cannot help
 EXIT_BUSY = 75  # EX_TEMPFAIL: another instance holds the drive; systemd retries later
@@ -99,7 +101,11 @@ class Agent:
             availability_zone=me.availability_zone,
             mountpoint=str(self.config.mount_path),
         )
-        client = make_ec2_client(self.config.region or me.region, self.config.ec2_endpoint)
+        client = make_ec2_client(
+            self.config.region or me.region,
+            self.config.ec2_endpoint,
+            credential_attempts=CREDENTIAL_ATTEMPTS,
+        )
         ec2 = Ec2(client)
         drive = BootRunner(self.config, ec2, me, self.notifier).restore_drive()
         summary = f"mounted {drive.describe()} at {self.config.mountpoint}"

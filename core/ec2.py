@@ -57,6 +57,7 @@ _POLICY_FIX = (
     "(on an instance) or to your IAM user or role (on your machine)"
 )
 _MAX_FILTER_VALUES = 100  # EC2 accepts up to 200 values per filter; stay well below
+IMDS_CREDENTIAL_TIMEOUT_S = 2.0  # per attempt, for the instance profile's credentials
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -415,9 +416,17 @@ def make_ec2_client(
     profile: Optional[str] = None,
     connect_timeout: float = 5.0,
     read_timeout: float = 30.0,
+    credential_attempts: Optional[int] = None,
 ) -> EC2Client:
-    """A boto3 EC2 client with adaptive retries (throttling backs off client-side too)."""
+    """A boto3 EC2 client with adaptive retries (throttling backs off client-side too).
+
+    ``credential_attempts``: on an instance, how often boto3 asks IMDS for the instance
+    profile's credentials before it gives up (botocore's default is once, with a 1 s
+    timeout: one IMDS hiccup at boot would fail the restore). Left unset on the user's
+    machine, where there is no IMDS to wait for.
+    """
     import boto3  # here, so importing this module stays cheap for the dataclasses alone
+    import botocore.session
 
     config = Config(
         retries={"mode": "adaptive", "max_attempts": 10},
@@ -425,7 +434,11 @@ def make_ec2_client(
         read_timeout=read_timeout,
     )
     with aws_errors("boto3 session"):
-        session = boto3.session.Session(profile_name=profile, region_name=region)
+        core = botocore.session.Session(profile=profile)
+        if credential_attempts is not None:
+            core.set_config_variable("metadata_service_num_attempts", credential_attempts)
+            core.set_config_variable("metadata_service_timeout", IMDS_CREDENTIAL_TIMEOUT_S)
+        session = boto3.session.Session(botocore_session=core, region_name=region)
         return session.client("ec2", endpoint_url=endpoint_url, config=config)
 
 

@@ -28,7 +28,7 @@ from xdrive.errors import XdriveError
 from xdrive.sandbox import dockerctl
 from xdrive.sandbox.blocks import BlockPlane
 from xdrive.sandbox.fidelity import Ec2Fidelity
-from xdrive.sandbox.imds import ImdsIdentity, ImdsServer
+from xdrive.sandbox.imds import ImdsIdentity, ImdsServer, RoleCredentials
 from xdrive.sandbox.notify import NotifyListener
 from xdrive.sandbox.server import SandboxServer
 from xdrive.sandbox.settings import Faults, Latencies
@@ -40,7 +40,8 @@ os.environ.setdefault("MOTO_EC2_LOAD_DEFAULT_AMIS", "false")
 REGION = "us-east-1"
 ZONES = ("us-east-1a", "us-east-1b", "us-east-1c")
 AMI = "ami-12c6146b"  # moto does not check AMIs; any id stands for Amazon Linux 2023
-# The sandbox's stand-in for an instance profile: moto accepts any key.
+# The user's own credentials on the sandbox (the launcher, tests, the harness): moto
+# accepts any key.
 SANDBOX_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "sandbox",
     "AWS_SECRET_ACCESS_KEY": "sandbox",
@@ -48,7 +49,26 @@ SANDBOX_CREDENTIALS = {
 }
 
 
-AGENT_ACCESS_KEY = "sandboxagent"  # the agents' stand-in for an instance profile's key
+# Instances get their role's temporary credentials from their IMDS, as on EC2: this key id
+# (the secret and token are random per instance), so recorded calls tell agents' from others'.
+AGENT_ACCESS_KEY = "ASIASANDBOXAGENT0001"
+AGENT_ROLE = "xdrive-agent"
+AGENT_CREDENTIALS_LIFETIME = timedelta(hours=6)
+# Not passed to agents: on an instance, nothing but the instance profile gives AWS access.
+_HOST_AWS_VARIABLES = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_EC2_METADATA_DISABLED",
+    "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+)
 
 
 class SandboxError(XdriveError):
@@ -80,6 +100,22 @@ class SimInstance:
 
     def status(self) -> Optional[AgentStatus]:
         return read_status(self.root / "var/lib/xdrive")
+
+
+def instance_environment(inst: SimInstance) -> dict[str, str]:
+    """What an agent process on ``inst`` sees of AWS: no keys, no profile, no config file;
+    boto3 finds the role's credentials on the instance's IMDS (IMDSv2, as on EC2)."""
+    env = {k: v for k, v in os.environ.items() if k not in _HOST_AWS_VARIABLES}
+    env.update(
+        {
+            "AWS_DEFAULT_REGION": REGION,
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT": inst.imds.url + "/",
+            "AWS_EC2_METADATA_SERVICE_ENDPOINT_MODE": "IPv4",
+            "AWS_CONFIG_FILE": str(inst.root / "root/.aws/config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(inst.root / "root/.aws/credentials"),
+        }
+    )
+    return env
 
 
 class Sandbox:
@@ -209,6 +245,9 @@ class Sandbox:
             life_cycle=life_cycle,  # type: ignore[arg-type]
         )
         imds = ImdsServer(identity).start()
+        imds.set_role(
+            RoleCredentials.issue(AGENT_ROLE, AGENT_ACCESS_KEY, AGENT_CREDENTIALS_LIFETIME)
+        )
         inst = SimInstance(
             instance_id=iid,
             availability_zone=identity.availability_zone,
@@ -267,7 +306,9 @@ class Sandbox:
             ),
         )
 
-    def start_agent(self, instance_id: str, config: AgentConfig) -> SimInstance:
+    def start_agent(
+        self, instance_id: str, config: AgentConfig, *, verbose: bool = False
+    ) -> SimInstance:
         """Start ``xdrive-agent run`` as systemd would: its own process, NOTIFY_SOCKET set."""
         inst = self.instance(instance_id)
         if inst.agent is not None and inst.agent.poll() is None:
@@ -275,14 +316,11 @@ class Sandbox:
         inst.config_path = inst.root / "etc/xdrive/agent.json"
         inst.config_path.write_text(config.to_json())
         env = {
-            **os.environ,
-            **SANDBOX_CREDENTIALS,
-            # Its own key (moto accepts any), so recorded calls tell the agent's from others'.
-            "AWS_ACCESS_KEY_ID": AGENT_ACCESS_KEY,
+            **instance_environment(inst),
             "NOTIFY_SOCKET": str(inst.notify.path),
             "PYTHONUNBUFFERED": "1",
         }
-        for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL", "INVOCATION_ID", "JOURNAL_STREAM"):
+        for var in ("INVOCATION_ID", "JOURNAL_STREAM"):
             env.pop(var, None)
         with open(inst.agent_log, "ab") as log:
             inst.agent = subprocess.Popen(
@@ -293,6 +331,7 @@ class Sandbox:
                     "run",
                     "--config",
                     str(inst.config_path),
+                    *(["--verbose"] if verbose else []),
                 ],
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -55,6 +55,33 @@ class ImdsIdentity:
 
 
 @dataclass(frozen=True)
+class RoleCredentials:
+    """The temporary credentials of the instance profile's role, as IMDS hands them out
+    under ``iam/security-credentials/ROLE`` (where boto3 on an instance finds them)."""
+
+    role: str
+    access_key_id: str
+    secret_access_key: str
+    token: str
+    expiration: datetime
+
+    @classmethod
+    def issue(cls, role: str, access_key_id: str, lifetime: timedelta) -> RoleCredentials:
+        """Fresh random secret and session token for ``access_key_id``."""
+        return cls(
+            role=role,
+            access_key_id=access_key_id,
+            secret_access_key=secrets.token_urlsafe(30),
+            token=secrets.token_urlsafe(96),
+            expiration=datetime.now(timezone.utc).replace(microsecond=0) + lifetime,
+        )
+
+    def secrets(self) -> tuple[str, str]:
+        """What must never be written anywhere: the secret key and the session token."""
+        return (self.secret_access_key, self.token)
+
+
+@dataclass(frozen=True)
 class ImdsFaults:
     """Misbehaviour to inject; the default is a healthy service.
 
@@ -112,8 +139,10 @@ class ImdsServer:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._tokens: dict[str, float] = {}  # token -> expiry on self._clock
+        self._issued: list[str] = []  # every token ever handed out (tests look for leaks)
         self._instance_action: Optional[tuple[SpotAction, datetime]] = None
         self._rebalance_at: Optional[datetime] = None
+        self._role: Optional[RoleCredentials] = None
         self._faults = ImdsFaults()
         self._rng = random.Random(0)
         self._left_401 = 0
@@ -190,6 +219,11 @@ class ImdsServer:
             self._rebalance_at = when
         return when
 
+    def set_role(self, credentials: Optional[RoleCredentials]) -> None:
+        """Attach an instance profile (its role's credentials), or detach it (None)."""
+        with self._lock:
+            self._role = credentials
+
     def clear_notices(self) -> None:
         with self._lock:
             self._instance_action = None
@@ -207,6 +241,15 @@ class ImdsServer:
 
     def clear_faults(self) -> None:
         self.set_faults(ImdsFaults())
+
+    def issued_tokens(self) -> tuple[str, ...]:
+        """Every session token handed out so far, expired ones included."""
+        with self._lock:
+            return tuple(self._issued)
+
+    def role(self) -> Optional[RoleCredentials]:
+        with self._lock:
+            return self._role
 
     def request_counts(self) -> dict[str, int]:
         """Requests received so far by path (all methods, refused ones included)."""
@@ -285,6 +328,7 @@ class ImdsServer:
         with self._lock:
             self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
             self._tokens[token] = now + lifetime
+            self._issued.append(token)
         return _Answer(200, token, headers=((TTL_HEADER, str(ttl)),))
 
     def _get_metadata(self, request: Request, rel: str) -> _Answer:
@@ -323,6 +367,8 @@ class ImdsServer:
             leaves["events/recommendations/rebalance"] = json.dumps(
                 {"noticeTime": _iso(self._rebalance_at)}
             )
+        if self._role is not None:
+            leaves.update(_role_leaves(self._role))
         return leaves
 
 
@@ -339,6 +385,29 @@ def _lookup(leaves: dict[str, str], rel: str) -> _Answer:
     if not children:
         return _error(404)
     return _Answer(200, "\n".join(sorted(children)))
+
+
+def _role_leaves(role: RoleCredentials) -> dict[str, str]:
+    updated = _iso(datetime.now(timezone.utc))
+    info = {
+        "Code": "Success",
+        "LastUpdated": updated,
+        "InstanceProfileArn": f"arn:aws:iam::123456789012:instance-profile/{role.role}",
+        "InstanceProfileId": "AIPASANDBOXPROFILE01",
+    }
+    credentials = {
+        "Code": "Success",
+        "LastUpdated": updated,
+        "Type": "AWS-HMAC",
+        "AccessKeyId": role.access_key_id,
+        "SecretAccessKey": role.secret_access_key,
+        "Token": role.token,
+        "Expiration": _iso(role.expiration),
+    }
+    return {
+        "iam/info": json.dumps(info, indent=2),
+        f"iam/security-credentials/{role.role}": json.dumps(credentials, indent=2),
+    }
 
 
 def _notice_time(at: Optional[datetime], default_lead: timedelta) -> datetime:

@@ -235,6 +235,21 @@ def test_imds_unreachable_names_the_url(sandbox: Sandbox, inst: SimInstance) -> 
     assert_nothing_touched(sandbox)
 
 
+def test_no_instance_profile_says_to_attach_one(sandbox: Sandbox, inst: SimInstance) -> None:
+    """An instance launched without a profile: IMDS has no credentials to give."""
+    inst.imds.set_role(None)
+    path = write_config(inst, good_config(sandbox, inst))
+
+    ran = run_agent_cli("run", "--config", str(path), inst=inst)
+    assert ran.returncode == 1  # not a config error: systemd retries (a profile can be added)
+    assert "no AWS credentials found" in ran.stderr
+    assert "attach an instance profile" in ran.stderr
+    said = statuses(inst)[-1]
+    assert said.startswith("failed: no AWS credentials found")
+    assert sandbox.fidelity.recorded_actions() == ()  # nothing could even be signed
+    assert_nothing_touched(sandbox)
+
+
 @pytest.mark.parametrize("action", ["CreateVolume", "DescribeVolumes", "DescribeSnapshots"])
 def test_access_denied_names_the_action_and_the_policy(
     sandbox: Sandbox, inst: SimInstance, action: str

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from xdrive.ec2 import (
     volume_from_api,
 )
 from xdrive.errors import AwsError, ConfigError, PermissionDenied
+from xdrive.sandbox.imds import ImdsFaults, ImdsIdentity, ImdsServer, RoleCredentials
 
 REGION = "us-east-1"
 AZ = "us-east-1a"
@@ -316,6 +317,37 @@ def test_missing_credentials_is_a_clear_error(
     ec2 = Ec2(make_ec2_client(REGION, endpoint_url=moto_url))
     with pytest.raises(CredentialsError, match="no AWS credentials"):
         ec2.drive_volumes("work")
+
+
+@pytest.fixture
+def instance_profile(
+    aws_env: None, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[ImdsServer, RoleCredentials]]:
+    """An IMDS holding an instance profile's credentials, and no keys in the environment."""
+    for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED"):
+        monkeypatch.delenv(var)
+    role = RoleCredentials.issue("xdrive-agent", "ASIAPROFILETEST00001", timedelta(hours=6))
+    identity = ImdsIdentity("i-0123456789abcdef0", AZ, REGION, "t3.micro", "spot")
+    with ImdsServer(identity) as imds:
+        imds.set_role(role)
+        monkeypatch.setenv("AWS_EC2_METADATA_SERVICE_ENDPOINT", imds.url + "/")
+        yield imds, role
+
+
+def test_instance_profile_credentials_survive_imds_errors_when_asked_to_retry(
+    moto_url: str, instance_profile: tuple[ImdsServer, RoleCredentials]
+) -> None:
+    """The agent's client asks IMDS again after 500s; botocore's default (once) fails."""
+    imds, role = instance_profile
+    imds.set_faults(ImdsFaults(fail_next_reads_with_500=3))
+    patient = make_ec2_client(REGION, endpoint_url=moto_url, credential_attempts=5)
+    assert Ec2(patient).drive_volumes("work") == ()
+    assert imds.request_count(f"/latest/meta-data/iam/security-credentials/{role.role}") == 1
+
+    imds.set_faults(ImdsFaults(fail_next_reads_with_500=3))
+    hasty = make_ec2_client(REGION, endpoint_url=moto_url)
+    with pytest.raises(CredentialsError, match="attach an instance profile"):
+        Ec2(hasty).drive_volumes("work")
 
 
 def test_unreachable_endpoint(aws_env: None) -> None:

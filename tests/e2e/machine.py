@@ -18,10 +18,10 @@ from tests.e2e.devices import DeviceRelay, relayed
 from tests.e2e.nspawn import Container, booted
 from tests.e2e.rootfs import overlay
 from xdrive.agent.config import AgentConfig, DockerSettings, VolumeSettings, WatchSettings
-from xdrive.sandbox.core import REGION, SANDBOX_CREDENTIALS, Sandbox, SimInstance
+from xdrive.sandbox.core import REGION, Sandbox, SimInstance
 
 SEED_DIR = "var/lib/cloud/seed/nocloud"
-CREDENTIALS_DROPIN = "etc/systemd/system/xdrive-agent.service.d/10-sandbox-credentials.conf"
+IMDS_DROPIN = "etc/systemd/system/xdrive-agent.service.d/10-sandbox-imds.conf"
 
 
 @dataclass(frozen=True)
@@ -70,21 +70,21 @@ def agent_config(sandbox: Sandbox, inst: SimInstance, drive: str, *, docker: boo
     )
 
 
-def seed(root: Path, instance_id: str, userdata: bytes) -> None:
-    """The NoCloud seed cloud-init reads at first boot, and the instance "profile"."""
+def seed(root: Path, inst: SimInstance, userdata: bytes) -> None:
+    """The NoCloud seed cloud-init reads at first boot, and where boto3 finds IMDS."""
     seed_dir = root / SEED_DIR
     seed_dir.mkdir(parents=True, exist_ok=True)
     (seed_dir / "user-data").write_bytes(userdata)
     (seed_dir / "meta-data").write_text(
-        f"instance-id: {instance_id}\nlocal-hostname: {instance_id}\n"
+        f"instance-id: {inst.instance_id}\nlocal-hostname: {inst.instance_id}\n"
     )
-    # The stand-in for an instance profile: the image's, never the user-data's (the
-    # renderer refuses credentials). The unit it extends is written by cloud-init later.
-    dropin = root / CREDENTIALS_DROPIN
+    # The instance profile's credentials come from the instance's IMDS, as on EC2; only
+    # its address differs (169.254.169.254 there). No keys anywhere in the machine.
+    dropin = root / IMDS_DROPIN
     dropin.parent.mkdir(parents=True, exist_ok=True)
-    env = " ".join(f"{k}={v}" for k, v in sorted(SANDBOX_CREDENTIALS.items()))
     dropin.write_text(
-        f"# xdrive e2e: the sandbox's instance profile.\n[Service]\nEnvironment={env}\n"
+        "# xdrive e2e: the sandbox instance's metadata service.\n[Service]\n"
+        f"Environment=AWS_EC2_METADATA_SERVICE_ENDPOINT={inst.imds.url}/\n"
     )
 
 
@@ -94,7 +94,7 @@ def boot_machine(
 ) -> Iterator[Machine]:
     """Boot a fresh copy of ``image`` as ``inst``; stopped, unmounted and removed after."""
     with overlay(image, workdir / "layer") as layer:
-        seed(layer.merged, inst.instance_id, userdata)
+        seed(layer.merged, inst, userdata)
         name = "xd-" + inst.instance_id.removeprefix("i-")
         boot = booted(layer.merged, name, workdir / "console.log")
         with boot as container, relayed(inst.root, container.path("/")) as relay:
