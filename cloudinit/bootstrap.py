@@ -145,6 +145,9 @@ def main(argv: Sequence[str]) -> int:
     if len(argv) != 1 or argv[0].startswith("-"):
         print("usage: bootstrap.py SETTINGS.json", file=sys.stderr)
         return 2
+    # Whatever umask cloud-init runs us with: the agent, its venv and the archive are
+    # root's to change and everyone's to read.
+    os.umask(0o022)
     try:
         bootstrap(BootstrapSettings.from_json(Path(argv[0]).read_text()), sys.executable)
     except BootstrapError as e:

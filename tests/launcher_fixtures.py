@@ -17,7 +17,8 @@ import pytest
 from click.testing import CliRunner, Result
 
 from xdrive import tags
-from xdrive.ec2 import Attachment, Ec2, Snapshot, Volume
+from xdrive.ec2 import Attachment, Ec2, InstanceSpec, Snapshot, Volume
+from xdrive.launcher.autoresume import group_name
 from xdrive.launcher.aws import Aws, AwsTarget
 from xdrive.launcher.cli import cli
 from xdrive.sandbox.core import Sandbox
@@ -173,6 +174,50 @@ def make_snapshot(
         assert current is not None
         volume = current
     return ec2.create_snapshot(volume, kind, "test", None)
+
+
+# --- a tour of the launcher ----------------------------------------------------------------
+
+
+def run_every_launcher_path(sandbox: Sandbox, ec2: Ec2) -> dict[str, Result]:
+    """Every launcher command along each of its paths, from a fresh sandbox (the call
+    record starts empty): first launch (creates the agent bucket, role and profile), a
+    relaunch that finds them, on-demand, dry run, auto-resume (and one whose template an
+    interrupted launch left), the read-only commands, save, prune, stop, rm, userdata."""
+    make_snapshot(ec2, make_volume(ec2, "old"))
+    make_snapshot(ec2, make_volume(ec2, "old"), generation=2)
+    make_volume(ec2, "left", "us-east-1b")
+    # An auto-resume launch interrupted after its template was made: the next one updates it.
+    ec2.create_launch_template(
+        group_name("resumed"),
+        InstanceSpec("ami-12c6146b", "t3.micro", b"#cloud-config\n", {tags.NAME: "resumed"}),
+        {tags.NAME: "resumed"},
+    )
+    sandbox.fidelity.clear_recorded()
+    results = {}
+    for args in (
+        ("launch", "work", "--json"),  # creates bucket, agent upload, role, profile
+        ("launch", "gpu", "-t", "t3.small", "--on-demand", "--json"),  # finds them all
+        ("launch", "plan", "--dry-run", "--json"),
+        ("status", "--json"),
+        ("status", "--all", "--json"),
+        ("ls", "--json"),
+        ("snapshots", "old", "--json"),
+        ("prices", "t3.micro", "--json"),
+        ("save", "left", "--json"),
+        ("prune", "old", "--keep", "1", "--json"),
+        ("stop", "work", "--json"),
+        ("launch", "auto", "--auto-resume", "--json"),
+        ("launch", "resumed", "--auto-resume", "--json"),
+        ("stop", "auto", "--json"),
+        ("stop", "resumed", "--json"),
+        ("rm", "old", "--yes", "--json"),
+        ("userdata", "work"),
+    ):
+        result = run(*args)
+        assert result.exit_code == 0, (args, result.output)
+        results[f"`xdrive {' '.join(args)}`"] = result
+    return results
 
 
 # --- pure values for the planning tests ---------------------------------------------------------

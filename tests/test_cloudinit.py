@@ -703,6 +703,7 @@ def run_bootstrap(
         env=full_env,
         check=False,
         timeout=180,
+        preexec_fn=lambda: os.umask(0),  # the most careless umask cloud-init could give
     )
     return result, prefix
 
@@ -721,6 +722,8 @@ def test_bootstrap_installs_the_archive_from_a_url(workdir: Path, served: dict[s
     assert written == _package_sources()
     cfg = (prefix / "venv" / "pyvenv.cfg").read_text()
     assert "include-system-site-packages = true" in cfg
+    writable = [p for p in prefix.rglob("*") if not p.is_symlink() and p.stat().st_mode & 0o022]
+    assert not writable, f"writable by others: {writable[:5]}"
     # The installed entry point accepts the config the user-data wrote.
     entry = workdir / "xdrive-agent"
     entry.write_text(units.render_entry_script(lib_dir=str(lib), venv_dir=str(prefix / "venv")))

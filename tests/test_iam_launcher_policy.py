@@ -16,13 +16,9 @@ import pytest
 from tests.launcher_fixtures import (  # noqa: F401 (fixtures)
     aws_env,
     ec2,
-    make_snapshot,
-    make_volume,
-    run,
+    run_every_launcher_path,
 )
-from xdrive import tags
-from xdrive.ec2 import Ec2, InstanceSpec
-from xdrive.launcher.autoresume import group_name
+from xdrive.ec2 import Ec2
 from xdrive.launcher.iam import launcher_policy, policy_actions
 from xdrive.sandbox.core import Sandbox
 from xdrive.sandbox.s3actions import s3_action
@@ -46,43 +42,9 @@ def launcher_calls(sandbox: Sandbox) -> set[str]:
     return {c.iam_action for c in sandbox.fidelity.recorded_actions()} - UNGATED
 
 
-def exercise_every_launcher_path(sandbox: Sandbox, ec2: Ec2) -> None:
-    make_snapshot(ec2, make_volume(ec2, "old"))
-    make_snapshot(ec2, make_volume(ec2, "old"), generation=2)
-    make_volume(ec2, "left", "us-east-1b")
-    # An auto-resume launch interrupted after its template was made: the next one updates it.
-    ec2.create_launch_template(
-        group_name("resumed"),
-        InstanceSpec("ami-12c6146b", "t3.micro", b"#cloud-config\n", {tags.NAME: "resumed"}),
-        {tags.NAME: "resumed"},
-    )
-    sandbox.fidelity.clear_recorded()
-    for args in (
-        ("launch", "work", "--json"),  # creates bucket, agent upload, role, profile
-        ("launch", "gpu", "-t", "t3.small", "--on-demand", "--json"),  # finds them all
-        ("launch", "plan", "--dry-run", "--json"),
-        ("status", "--json"),
-        ("status", "--all", "--json"),
-        ("ls", "--json"),
-        ("snapshots", "old", "--json"),
-        ("prices", "t3.micro", "--json"),
-        ("save", "left", "--json"),
-        ("prune", "old", "--keep", "1", "--json"),
-        ("stop", "work", "--json"),
-        ("launch", "auto", "--auto-resume", "--json"),
-        ("launch", "resumed", "--auto-resume", "--json"),
-        ("stop", "auto", "--json"),
-        ("stop", "resumed", "--json"),
-        ("rm", "old", "--yes", "--json"),
-        ("userdata", "work"),
-    ):
-        result = run(*args)
-        assert result.exit_code == 0, (args, result.output)
-
-
 @pytest.mark.root
 def test_launcher_policy_is_exactly_what_the_launcher_calls(aws_env: Sandbox, ec2: Ec2) -> None:
-    exercise_every_launcher_path(aws_env, ec2)
+    run_every_launcher_path(aws_env, ec2)
     called = launcher_calls(aws_env)
     allowed = policy_actions(launcher_policy())
     assert {"ec2:RunInstances", "iam:CreateRole", "s3:PutObject"} <= called

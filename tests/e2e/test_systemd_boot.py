@@ -104,6 +104,53 @@ def assert_agent_serving(m: Machine, volume_id: str) -> AgentStatus:
     return status
 
 
+# What the user-data and the agent write, with the mode each must have (None: any mode that
+# is not group- or world-writable). Owner root throughout.
+WRITTEN_MODES: dict[str, int | None] = {
+    "/etc/xdrive/agent.json": 0o644,  # no secret in it: the role's credentials come from IMDS
+    "/etc/systemd/system/xdrive-agent.service": 0o644,
+    "/etc/systemd/system/docker.service.d/xdrive.conf": 0o644,
+    "/usr/local/bin/xdrive-agent": 0o755,
+    "/etc/docker/daemon.json": None,  # the image's own mode is kept
+    "/var/lib/xdrive/status.json": 0o644,
+    "/v1/docker": 0o710,
+}
+WRITTEN_TREES = ("/opt/xdrive", "/var/lib/xdrive")  # every file and directory under them
+
+
+def assert_written_safely(m: Machine) -> None:
+    """Files hold the modes above, none writable by others, and no credential is in them,
+    in the agent's journal or in cloud-init's output log."""
+    c = m.container
+    checked: dict[str, os.stat_result] = {p: c.path(p).stat() for p in WRITTEN_MODES}
+    for tree in WRITTEN_TREES:
+        top = c.path(tree)
+        for found in top.rglob("*"):
+            if not found.is_symlink():
+                checked[f"{tree}/{found.relative_to(top)}"] = found.stat()
+    assert len(checked) > len(WRITTEN_MODES) + 10, sorted(checked)  # the agent's files too
+    for path, st in checked.items():
+        assert st.st_uid == 0 and st.st_gid == 0, f"{path} is owned by {st.st_uid}:{st.st_gid}"
+        assert st.st_mode & 0o022 == 0, f"{path} is writable by others: {st.st_mode & 0o777:o}"
+        expected = WRITTEN_MODES.get(path)
+        if expected is not None:
+            assert st.st_mode & 0o777 == expected, f"{path}: {st.st_mode & 0o777:o}"
+
+    role = m.instance.imds.role()
+    assert role is not None
+    texts = {
+        "the agent's journal": c.journal("-u", "xdrive-agent.service", lines=100000),
+        "cloud-init's output": c.path("/var/log/cloud-init-output.log").read_text(),
+    }
+    files = [p for p in checked if c.path(p).is_file() and not p.endswith(".tar.gz")]
+    assert "/opt/xdrive/bootstrap.json" in files and "/etc/xdrive/agent.json" in files
+    for inside in files:
+        texts[inside] = c.path(inside).read_bytes().decode("utf-8", "replace")
+    for name, text in texts.items():
+        for secret in (*role.secrets(), *m.instance.imds.issued_tokens()):
+            assert secret not in text, f"a credential is written in {name}"
+
+
 def final_snapshots_of(sandbox: Sandbox, volume_id: str) -> list[dict[str, Any]]:
     return [
         s
@@ -132,6 +179,7 @@ def test_userdata_boots_agent_saves_on_stop_and_restores_in_another_zone(
     status_a = assert_agent_serving(a, volume_a)
     assert status_a.restored_from is None and status_a.generation == 1
     assert agent_download.downloads >= 1
+    assert_written_safely(a)
 
     token = secrets.token_hex(16)
     a.container.run("sh", "-c", f"mkdir -p {os.path.dirname(PROOF)} && echo {token} > {PROOF}")
