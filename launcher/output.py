@@ -54,15 +54,16 @@ class Output:
 
     def __init__(self, json_mode: bool = False, console: Optional[Console] = None) -> None:
         self.json_mode = json_mode
-        self.console = console or Console(soft_wrap=True)
-        self.errors = Console(stderr=True)
+        # No markup: names, reasons and ids come from AWS tags, which anyone can write.
+        self.console = console or Console(soft_wrap=True, markup=False)
+        self.errors = Console(stderr=True, markup=False)
 
     def json(self, value: Any) -> None:
         # Plain print: rich would wrap and colour the text.
         print(dumps(value))
 
     def line(self, text: str) -> None:
-        self.console.print(text, highlight=False)
+        self.console.print(plain(text), highlight=False)
 
     @contextmanager
     def progress(self) -> Iterator[Callable[[str], None]]:
@@ -76,7 +77,7 @@ class Output:
         def say(text: str) -> None:
             if not last or last[-1] != text:
                 last.append(text)
-                self.errors.print(f"... {text}", highlight=False)
+                self.errors.print(f"... {plain(text)}", highlight=False)
 
         yield say
 
@@ -91,6 +92,18 @@ def _when(value: Optional[datetime]) -> str:
 
 def _text(value: object) -> str:
     return "-" if value is None or value == "" else str(value)
+
+
+def plain(value: str) -> str:
+    """``value`` with control characters shown escaped: a tag value must not drive the
+    terminal (escape sequences) any more than the markup (see Output)."""
+    return "".join(
+        c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in value
+    )
+
+
+def add_row(table: Table, *cells: str) -> None:
+    table.add_row(*(plain(cell) for cell in cells))
 
 
 def launch_table(result: LaunchResult) -> Table:
@@ -123,7 +136,7 @@ def launch_table(result: LaunchResult) -> Table:
     if result.group is not None:
         rows.append(("group instances", ", ".join(result.group.instances) or "starting"))
     for key, value in rows:
-        table.add_row(key, value)
+        add_row(table, key, value)
     return table
 
 
@@ -133,7 +146,8 @@ def zone_table(zones: tuple[Any, ...], chosen: Optional[str], title: str = "zone
     table.add_column("spot USD/h", justify="right")
     table.add_column("")
     for zone in zones:
-        table.add_row(
+        add_row(
+            table,
             zone.availability_zone,
             _money(zone.price),
             "<- cheapest" if zone.availability_zone == chosen else "",
@@ -155,7 +169,8 @@ def drives_table(drives: tuple[DriveSummary, ...]) -> Table:
     ):
         table.add_column(column)
     for d in drives:
-        table.add_row(
+        add_row(
+            table,
             d.name,
             d.newest_description,
             _text(d.generation),
@@ -185,7 +200,8 @@ def snapshots_table(name: str, rows: tuple[SnapshotRow, ...]) -> Table:
         table.add_column(column)
     for r in rows:
         state = r.state if r.state == "completed" else f"{r.state} {r.progress}%"
-        table.add_row(
+        add_row(
+            table,
             "*" if r.newest else "",
             r.id,
             str(r.generation),
@@ -222,7 +238,9 @@ def prune_table(result: PruneResult) -> Table:
         table.add_column(column)
     for d in plan.decisions:
         s = d.snapshot
-        table.add_row(s.id, str(s.generation), s.kind, s.state, verb if d.delete else "keep", d.why)
+        add_row(
+            table, s.id, str(s.generation), s.kind, s.state, verb if d.delete else "keep", d.why
+        )
     return table
 
 
@@ -258,7 +276,8 @@ def status_tables(report: StatusReport) -> list[Table]:
     ):
         table.add_column(column)
     for r in report.instances:
-        table.add_row(
+        add_row(
+            table,
             r.drive,
             r.instance_id,
             r.state,
@@ -275,7 +294,8 @@ def status_tables(report: StatusReport) -> list[Table]:
         for column in ("group", "drive", "desired", "instances", "zones", "status"):
             groups.add_column(column)
         for g in report.groups:
-            groups.add_row(
+            add_row(
+                groups,
                 g.name,
                 _text(g.drive),
                 f"{g.desired} ({g.min_size}..{g.max_size})",

@@ -49,6 +49,32 @@ def launch_instance(name: str = "work") -> str:
 # --- ls, snapshots, status ---------------------------------------------------------------
 
 
+def test_tag_values_from_aws_are_shown_as_plain_text(aws_env: Sandbox, ec2: Ec2) -> None:
+    """Tags can hold anything anyone wrote: no rich markup, no terminal escapes, no crash.
+    (XML carries no C0 controls but ESC's 8-bit twin, CSI U+009B, passes.)"""
+    weird = "[/]evil[bold]\u009b2J"
+    client = aws_env.client("ec2")
+    volume = make_volume(ec2, "work", "us-east-1b")
+    snapshot = make_snapshot(ec2, volume)
+    client.create_tags(Resources=[snapshot.id], Tags=[{"Key": tags.REASON, "Value": weird}])
+    stray = client.create_volume(AvailabilityZone="us-east-1a", Size=1)["VolumeId"]
+    client.create_tags(Resources=[stray], Tags=[{"Key": tags.NAME, "Value": weird}])
+    client.run_instances(
+        ImageId="ami-12c6146b",
+        InstanceType="t3.micro",
+        MinCount=1,
+        MaxCount=1,
+        TagSpecifications=[
+            {"ResourceType": "instance", "Tags": [{"Key": tags.NAME, "Value": weird}]}
+        ],
+    )
+    for args in (("ls",), ("snapshots", "work"), ("status",)):
+        shown = run(*args, env={"COLUMNS": "300"})  # one line per row
+        assert shown.exit_code == 0, (args, shown.output)
+        assert "\u009b" not in shown.stdout, args
+        assert "[/]evil[bold]\\x9b2J" in shown.stdout, (args, shown.stdout)  # as text
+
+
 def test_ls_and_snapshots_show_each_drive_newest_state(aws_env: Sandbox, ec2: Ec2) -> None:
     volume = make_volume(ec2, "work", "us-east-1b", generation=1)
     first = make_snapshot(ec2, volume)
