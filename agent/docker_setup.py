@@ -14,13 +14,27 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from xdrive.agent import commands, files
 from xdrive.errors import ConfigError, XdriveError
 
 DATA_ROOT_KEY = "data-root"
 DROPIN_RELPATH = Path("etc/systemd/system/docker.service.d/xdrive.conf")
+
+
+def read_daemon_json(path: files.PathLike) -> dict[str, Any]:
+    """The daemon.json at ``path`` ({} if missing), or ConfigError if xdrive cannot merge
+    into it. The agent reads it before it touches EC2, so a bad file changes nothing."""
+    target = Path(path)
+    config = files.read_json(target)
+    if "graph" in config:
+        # dockerd refuses to start with both keys; docker 23+ rejects "graph" outright.
+        raise ConfigError(
+            f"{target} sets the removed key 'graph' ({config['graph']!r})",
+            f"remove 'graph' from {target}; xdrive sets '{DATA_ROOT_KEY}' itself",
+        )
+    return config
 
 
 def merge_daemon_json(path: files.PathLike, data_root: str) -> bool:
@@ -30,13 +44,7 @@ def merge_daemon_json(path: files.PathLike, data_root: str) -> bool:
     is left untouched: overwriting it would silently drop the user's docker settings.
     """
     target = Path(path)
-    config = files.read_json(target)
-    if "graph" in config:
-        # dockerd refuses to start with both keys; docker 23+ rejects "graph" outright.
-        raise ConfigError(
-            f"{target} sets the removed key 'graph' ({config['graph']!r})",
-            f"remove 'graph' from {target}; xdrive sets '{DATA_ROOT_KEY}' itself",
-        )
+    config = read_daemon_json(target)
     if config.get(DATA_ROOT_KEY) == data_root:
         return False
     config[DATA_ROOT_KEY] = data_root

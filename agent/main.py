@@ -26,7 +26,7 @@ from xdrive import __version__
 from xdrive.agent import files
 from xdrive.agent.boot import BootRunner, MountedDrive
 from xdrive.agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load_config
-from xdrive.agent.docker_setup import DockerControl
+from xdrive.agent.docker_setup import DockerControl, read_daemon_json
 from xdrive.agent.dockerize import configure_docker, start_docker_on_drive
 from xdrive.agent.imds import ImdsClient, InstanceIdentity, InterruptionNotice
 from xdrive.agent.notify import Notifier, setup_logging
@@ -95,6 +95,13 @@ class Agent:
 
     def run(self) -> int:
         me = self.imds.identity()
+        try:
+            self._preflight(me)
+        except ConfigError as e:  # nothing was touched yet; no restart would help
+            log.error("%s", e)
+            self.status.update(phase="failed", message=str(e))
+            self.notifier.status(f"bad configuration: {e}")
+            return EXIT_CONFIG
         self.status.update(
             phase="restoring",
             instance_id=me.instance_id,
@@ -130,6 +137,21 @@ class Agent:
         self.status.update(phase="ready", message=summary, watching=tuple(m.name for m in monitors))
         self.notifier.status(summary)
         return self._watch_then_save(ec2, me, drive, monitors, summary)
+
+    def _preflight(self, me: InstanceIdentity) -> None:
+        """What the config can only be checked against on the instance, before EC2 is
+        touched: past this point a failure would leave the drive mounted and unwatched."""
+        if self.config.region and self.config.region != me.region:
+            # Volumes attach only within the instance's region: a drive looked for elsewhere
+            # would be "new" there, and an empty volume made for nothing.
+            raise ConfigError(
+                f"the config sets region {self.config.region!r} but this instance runs in "
+                f"{me.region!r}",
+                "remove 'region' from the agent config (the default is the instance's own) "
+                "or launch the instance in the drive's region",
+            )
+        if self.config.docker.enabled:
+            read_daemon_json(self.config.host_path(self.config.docker.daemon_json))
 
     def _monitors(self, me: InstanceIdentity) -> list[Monitor]:
         monitors: list[Monitor] = []

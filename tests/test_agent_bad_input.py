@@ -235,6 +235,39 @@ def test_imds_unreachable_names_the_url(sandbox: Sandbox, inst: SimInstance) -> 
     assert_nothing_touched(sandbox)
 
 
+def test_config_for_another_region_is_refused_before_ec2_is_called(
+    sandbox: Sandbox, inst: SimInstance
+) -> None:
+    path = write_config(inst, {**good_config(sandbox, inst), "region": "us-west-2"})
+    assert run_agent_cli("check-config", "--config", str(path)).returncode == 0  # valid JSON
+
+    ran = run_agent_cli("run", "--config", str(path), inst=inst)
+    assert ran.returncode == EXIT_CONFIG  # no restart: the instance stays where it is
+    assert "sets region 'us-west-2' but this instance runs in 'us-east-1'" in ran.stderr
+    assert "remove 'region'" in ran.stderr
+    assert statuses(inst)[-1].startswith("bad configuration: the config sets region")
+    assert sandbox.fidelity.recorded_actions() == ()
+    assert_nothing_touched(sandbox)
+
+
+def test_unmergeable_daemon_json_is_refused_before_ec2_is_called(
+    sandbox: Sandbox, inst: SimInstance
+) -> None:
+    """Found after the mount, it would leave the drive mounted and unwatched."""
+    raw = good_config(sandbox, inst)
+    raw["docker"]["enabled"] = True
+    path = write_config(inst, raw)
+    daemon_json = inst.root / "etc/docker/daemon.json"
+    daemon_json.write_text('{"graph": "/var/lib/docker"}\n')
+
+    ran = run_agent_cli("run", "--config", str(path), inst=inst)
+    assert ran.returncode == EXIT_CONFIG
+    assert "sets the removed key 'graph'" in ran.stderr and "remove 'graph'" in ran.stderr
+    assert daemon_json.read_text() == '{"graph": "/var/lib/docker"}\n'  # left as it was
+    assert sandbox.fidelity.recorded_actions() == ()
+    assert_nothing_touched(sandbox)
+
+
 def test_no_instance_profile_says_to_attach_one(sandbox: Sandbox, inst: SimInstance) -> None:
     """An instance launched without a profile: IMDS has no credentials to give."""
     inst.imds.set_role(None)
