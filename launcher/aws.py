@@ -8,6 +8,7 @@ conventions hold: ``--region``/``AWS_REGION``/``AWS_DEFAULT_REGION``/the profile
 
 from __future__ import annotations
 
+import difflib
 import os
 from dataclasses import dataclass
 from functools import cached_property
@@ -51,7 +52,7 @@ class Aws:
                 "no AWS region is set",
                 "pass --region (for example --region us-east-1) or set AWS_REGION",
             )
-        self.region: str = region
+        self.region: str = _known_region(self.session, region)
         self.endpoint_url = target.endpoint_url or os.environ.get("AWS_ENDPOINT_URL") or None
         self._config = Config(
             retries={"mode": "adaptive", "max_attempts": 10}, connect_timeout=5, read_timeout=60
@@ -78,3 +79,22 @@ class Aws:
     def account_id(self) -> str:
         with aws_errors("sts:GetCallerIdentity"):
             return str(self.client("sts").get_caller_identity()["Account"])
+
+
+def _known_region(session: Any, region: str) -> str:
+    """``region`` if botocore knows it in any partition, else a ConfigError naming the
+    nearest (a typo would otherwise surface as a DNS failure, or as an empty drive list)."""
+    known = {
+        name
+        for partition in session.get_available_partitions()
+        for name in session.get_available_regions("ec2", partition_name=partition)
+    }
+    if region in known:
+        return region
+    near = sorted(difflib.get_close_matches(region, sorted(known), n=3, cutoff=0.8))
+    hint = f"did you mean {' or '.join(near)}? " if near else ""
+    raise ConfigError(
+        f"unknown AWS region {region!r}",
+        f"{hint}check --region / AWS_REGION / the profile's region (if it is a region newer "
+        "than this botocore, upgrade boto3)",
+    )
