@@ -6,14 +6,9 @@ Budgeted backwards from the deadline (the notice's time, or systemd's stop timeo
     | dockerd stops containers | sync, unmount    | snapshot, detach, wait, delete |
                                |<--------- snapshot_reserve_s ------------------->|
 
-Docker's daemon is stopped, never its containers one by one: `docker stop` (or `docker
-kill`) marks a container stopped by the user, and a `--restart unless-stopped` container
-would then not come back on the next instance. dockerd stops every container in parallel,
-each with its own stop timeout; the agent bounds that by SIGKILLing whatever still runs at
-``containers_until`` (a signal from outside the daemon is not a user stop). A container
-whose main process cannot receive its stop signal (PID 1 of its namespace without a
-handler: the kernel drops the signal) is killed as soon as dockerd has signalled it, since
-waiting out its stop timeout could not change how it ends.
+Docker is stopped through its daemon (``docker_stop.DockerStop``), so restart policies
+survive; whatever still runs at ``containers_until`` is SIGKILLed. Processes still holding
+the drive then get SIGTERM, a grace period, and SIGKILL (``processes``).
 
 A filesystem that will not unmount, even after the processes holding it were ended, is
 frozen instead; that snapshot is consistent but taken while mounted, so it is tagged as a
@@ -31,15 +26,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 from xdrive import tags
 from xdrive.agent import commands, filesystem, plan
 from xdrive.agent.boot import MountedDrive
 from xdrive.agent.config import AgentConfig
 from xdrive.agent.docker_setup import DockerControl
+from xdrive.agent.docker_stop import DOCKERD_PIDFILE, DockerStop
 from xdrive.agent.imds import InstanceIdentity
 from xdrive.agent.notify import Notifier
+from xdrive.agent.processes import process_start_time, send_signal, wait_gone
 from xdrive.agent.state import SaveRecord
 from xdrive.ec2 import Ec2, Snapshot, Volume
 from xdrive.errors import ConfigError, PermissionDenied, XdriveError
@@ -50,14 +47,9 @@ log = logging.getLogger("xdrive.agent.save")
 HOLDER_GRACE_S = 3.0  # SIGTERM to processes still holding the drive, then SIGKILL
 MIN_CONTAINERS_S = 2.0  # even past the deadline, dockerd gets this long
 MIN_UNMOUNT_S = 2.0
-AFTER_KILL_S = 5.0  # for dockerd to notice its killed containers and exit
 FREEZE_TIMEOUT_S = 10.0
 SNAPSHOT_ATTEMPTS = 3  # CreateSnapshot tries in a save (botocore retries inside each)
 CHECKPOINT_BUDGET_S = 30.0
-DEFAULT_STOP_TIMEOUT_S = 10.0  # docker's, for a container that sets none
-# dockerd's default pidfile (/var/run is /run). The sandbox's dockerd uses ROOT/run/docker.pid.
-DOCKERD_PIDFILE = "/run/docker.pid"
-_POLL_S = 0.05
 
 
 @dataclass(frozen=True)
@@ -88,56 +80,6 @@ def plan_budget(now: float, deadline: float, reserve_s: float) -> SaveBudget:
     containers_until = max(now + MIN_CONTAINERS_S, deadline - reserve_s)
     unmount_until = max(containers_until + MIN_UNMOUNT_S, deadline - reserve_s / 2)
     return SaveBudget(containers_until, unmount_until, deadline)
-
-
-# --- processes, by pid and start time ------------------------------------------------------
-
-
-def _stat_fields(pid: int) -> Optional[list[str]]:
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    return text.rpartition(")")[2].split()  # the command name may hold spaces
-
-
-def process_start_time(pid: int) -> Optional[str]:
-    """The process's start time in clock ticks: with the pid, it names one process."""
-    fields = _stat_fields(pid)
-    return fields[19] if fields is not None and len(fields) > 19 else None
-
-
-def process_running(pid: int, started: Optional[str] = None) -> bool:
-    """Alive (not a zombie) and, if ``started`` is given, still the same process."""
-    fields = _stat_fields(pid)
-    if fields is None or fields[0] in ("Z", "X"):
-        return False
-    return started is None or (len(fields) > 19 and fields[19] == started)
-
-
-def catches_signal(pid: int, signum: int) -> Optional[bool]:
-    """Whether ``pid`` has a handler for ``signum`` (SigCgt), or None if unknown."""
-    try:
-        text = Path(f"/proc/{pid}/status").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith("SigCgt:"):
-            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    return None
-
-
-def parse_signal(name: Optional[str]) -> int:
-    """A container's StopSignal (``SIGTERM``, ``TERM``, ``15``, or unset) as a number."""
-    if not name:
-        return int(signal.SIGTERM)
-    text = name.strip().upper()
-    if text.isdigit():
-        return int(text)
-    try:
-        return int(signal.Signals[text if text.startswith("SIG") else "SIG" + text])
-    except KeyError:
-        return int(signal.SIGTERM)
 
 
 def freeze(mountpoint: Path) -> bool:
@@ -173,232 +115,6 @@ def _device_of(mountpoint: Path) -> Optional[tuple[int, int]]:
         if entry.mountpoint == where:
             return (entry.major, entry.minor)
     return None
-
-
-def _send(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:
-        pass
-
-
-def wait_gone(pids: dict[int, Optional[str]], timeout_s: float) -> bool:
-    """Wait until none of ``pids`` (pid -> start time) runs; True if they all ended."""
-    deadline = time.monotonic() + max(0.0, timeout_s)
-    while any(process_running(p, s) for p, s in pids.items()):
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(_POLL_S)
-    return True
-
-
-# --- docker: a bounded daemon stop that never marks containers stopped --------------------
-
-
-@dataclass(frozen=True)
-class ContainerProcess:
-    """A running container's main process, as seen before the daemon stops."""
-
-    id: str
-    name: str
-    pid: int
-    started: Optional[str]
-    stop_signal: int
-    stop_timeout_s: float
-    deaf: bool  # PID 1 without a handler for its stop signal: the signal would be dropped
-
-    def running(self) -> bool:
-        return process_running(self.pid, self.started)
-
-
-class _Background:
-    """A call run in a thread, waited for with a timeout (the caller decides what next)."""
-
-    def __init__(self, name: str, call: Callable[[], None]) -> None:
-        self.error: Optional[BaseException] = None
-        self._thread = threading.Thread(target=self._run, args=(call,), name=name, daemon=True)
-        self._thread.start()
-
-    def _run(self, call: Callable[[], None]) -> None:
-        try:
-            call()
-        except BaseException as e:
-            self.error = e
-
-    def wait(self, timeout_s: float) -> bool:
-        self._thread.join(max(0.0, timeout_s))
-        return not self._thread.is_alive()
-
-
-class DockerStop:
-    """Stop docker (daemon and containers) by ``until``, keeping restart policies intact."""
-
-    def __init__(
-        self,
-        control: DockerControl,
-        docker_url: str,
-        pidfile: Path,
-        notifier: Notifier,
-        *,
-        monotonic: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.control = control
-        self.docker_url = docker_url
-        self.pidfile = pidfile
-        self.notifier = notifier
-        self.monotonic = monotonic
-
-    def run(self, until: float) -> None:
-        api = self._connect()
-        containers = self._running_containers(api) if api is not None else []
-        deaf = {c.id: c for c in containers if c.deaf}
-        stop_watching = self._kill_when_signalled(api, deaf) if api is not None and deaf else None
-        left = until - self.monotonic()
-        self.notifier.status(
-            f"stopping docker: {len(containers)} running container(s), at most {left:.0f} s"
-        )
-        daemon = self._dockerd()
-        stopper = _Background("docker-stop", lambda: self.control.stop(timeout_s=left + 30))
-        done = self._wait_stopped(stopper, daemon, until)
-        if done and stopper.error is not None and daemon is not None and process_running(*daemon):
-            # The stop command failed (no systemctl, a unit error): do what it would have
-            # done, so that the daemon, not the agent, stops the containers.
-            log.warning("docker stop failed (%s): SIGTERM to dockerd %d", stopper.error, daemon[0])
-            _send(daemon[0], signal.SIGTERM)
-            wait_gone({daemon[0]: daemon[1]}, until - self.monotonic())
-        survivors = [c for c in containers if c.running()]
-        if done and survivors:
-            # The daemon is gone but its containers run on (live-restore): stop them as
-            # dockerd would, within the budget.
-            log.warning("dockerd stopped, %d container(s) still run: stopping them", len(survivors))
-            for c in survivors:
-                _send(c.pid, c.stop_signal)
-            longest = max(c.stop_timeout_s for c in survivors)
-            wait_gone({c.pid: c.started for c in survivors}, min(until - self.monotonic(), longest))
-            survivors = [c for c in survivors if c.running()]
-        if survivors:
-            names = ", ".join(c.name for c in survivors)
-            log.warning("containers still running at the end of their time: SIGKILL to %s", names)
-            self.notifier.status(f"killing containers that did not stop in time: {names}")
-            for c in survivors:
-                _send(c.pid, signal.SIGKILL)
-            wait_gone({c.pid: c.started for c in survivors}, AFTER_KILL_S)
-        if not done:
-            done = stopper.wait(AFTER_KILL_S)
-        if stop_watching is not None:
-            stop_watching()
-        if api is not None:
-            api.close()
-        if not done:
-            log.warning("the docker stop command is still running; going on with the save")
-        elif stopper.error is not None:
-            # The data matters more than a clean daemon stop: unmount ends what is left.
-            log.warning("docker did not stop cleanly: %s", stopper.error)
-
-    def _wait_stopped(
-        self, stopper: _Background, daemon: Optional[tuple[int, Optional[str]]], until: float
-    ) -> bool:
-        """Until the stop command returns, or dockerd is gone, or ``until``.
-
-        At shutdown systemd has stopped docker.service before the agent (the drop-in's
-        After=), but docker.socket's stop job waits for the agent: a blocking `systemctl stop
-        docker.socket` would hold the save until its timeout. What matters is dockerd being
-        gone, so that ends the wait too (found by the e2e boot under systemd).
-        """
-        while True:
-            if stopper.wait(min(0.1, max(0.0, until - self.monotonic()))):
-                return True
-            if daemon is None or not process_running(*daemon):
-                return True
-            if self.monotonic() >= until:
-                return False
-
-    def _dockerd(self) -> Optional[tuple[int, Optional[str]]]:
-        """The running dockerd (pid, start time) from its pidfile, or None."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        started = process_start_time(pid)
-        return (pid, started) if process_running(pid, started) else None
-
-    def _connect(self) -> Any:
-        # Only a running dockerd is asked anything: at shutdown systemd has stopped it
-        # already, and a request to docker.socket could start it again.
-        if self._dockerd() is None:
-            return None
-        import docker  # the agent imports the SDK only where it talks to dockerd
-
-        try:
-            return docker.APIClient(base_url=self.docker_url, timeout=5)
-        except Exception as e:
-            log.warning("cannot reach dockerd at %s: %s", self.docker_url, e)
-            return None
-
-    def _running_containers(self, api: Any) -> list[ContainerProcess]:
-        found = []
-        try:
-            for summary in api.containers():
-                info = api.inspect_container(summary["Id"])
-                pid = int(info.get("State", {}).get("Pid") or 0)
-                if pid <= 0:
-                    continue
-                config = info.get("Config") or {}
-                stop_signal = parse_signal(config.get("StopSignal"))
-                timeout = config.get("StopTimeout")
-                found.append(
-                    ContainerProcess(
-                        id=info["Id"],
-                        name=str(info.get("Name", "")).lstrip("/") or info["Id"][:12],
-                        pid=pid,
-                        started=process_start_time(pid),
-                        stop_signal=stop_signal,
-                        stop_timeout_s=DEFAULT_STOP_TIMEOUT_S if timeout is None else timeout,
-                        deaf=catches_signal(pid, stop_signal) is False,
-                    )
-                )
-        except Exception as e:
-            log.warning("cannot list containers (%s): they get the stop command's time", e)
-        return found
-
-    def _kill_when_signalled(
-        self, api: Any, deaf: dict[str, ContainerProcess]
-    ) -> Optional[Callable[[], None]]:
-        """SIGKILL each deaf container once dockerd's shutdown has sent it its stop signal.
-
-        Not before: dockerd restarts a container that dies while it is not shutting down.
-        Its "kill" event comes after it cancelled the container's restart, and the event
-        stream stays open while the daemon shuts down (only its listeners close).
-        """
-        try:
-            stream = api.events(filters={"type": ["container"], "event": ["kill"]}, decode=True)
-        except Exception as e:
-            log.warning("cannot follow docker events (%s): deaf containers wait their time", e)
-            return None
-        waiting = dict(deaf)
-
-        def follow() -> None:
-            try:
-                for event in stream:
-                    actor = event.get("Actor") or {}
-                    c = waiting.pop(str(event.get("id") or actor.get("ID") or ""), None)
-                    if c is not None and c.running():
-                        log.info("container %s cannot receive its stop signal: SIGKILL", c.name)
-                        _send(c.pid, signal.SIGKILL)
-                    if not waiting:
-                        return
-            except Exception:
-                pass  # the stream ends when dockerd exits or when it is closed
-
-        threading.Thread(target=follow, name="docker-events", daemon=True).start()
-
-        def close() -> None:
-            try:
-                stream.close()
-            except Exception:
-                pass
-
-        return close
 
 
 # --- the save -----------------------------------------------------------------------------
@@ -526,7 +242,7 @@ class Saver:
         self.notifier.status(f"ending processes that hold {mountpoint}: {sig.name} to {holders}")
         started = {pid: process_start_time(pid) for pid in holders}
         for pid in holders:
-            _send(pid, sig)
+            send_signal(pid, sig)
         wait_gone(started, min(HOLDER_GRACE_S, until - self.monotonic()))
         return True
 

@@ -14,25 +14,39 @@ moto's backends are process-global: one Ec2Fidelity per process at a time.
 
 from __future__ import annotations
 
-import fnmatch
 import io
 import logging
-import os
 import random
-import re
 import threading
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Literal, Optional
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import urlencode
 
 from xdrive.sandbox.blocks import BlockPlane, BlockPlaneError
-from xdrive.sandbox.s3actions import s3_action
+from xdrive.sandbox.ec2wire import (
+    EC2_NAMESPACE,
+    Doc,
+    Ec2Request,
+    Reply,
+    Signed,
+    Where,
+    account_of,
+    action_of,
+    always_values,
+    ec2_error,
+    ec2_response,
+    passes,
+    read_form,
+    reason_phrase,
+    set_text,
+    signature,
+    take_filters,
+)
 from xdrive.sandbox.settings import Faults, Latencies
 
 log = logging.getLogger(__name__)
@@ -41,10 +55,7 @@ WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
 InstancesHook = Callable[[list[str]], None]
 AttachPhase = Literal["attaching", "attached", "detaching"]
 
-_CREDENTIAL = re.compile(r"Credential=([^/,\s]+)/\d{8}/([^/]+)/([^/]+)/aws4_request")
-_ERROR_CODE = re.compile(rb"<Code>([^<]*)</Code>")
 _DETACH_POLL_SECONDS = 0.05
-EC2_NAMESPACE = "http://ec2.amazonaws.com/doc/2016-11-15/"
 
 
 def moto_app() -> WsgiApp:
@@ -77,226 +88,6 @@ class RecordedCall:
         return f"{self.service}:{self.action}"
 
 
-# -- requests --------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Signed:
-    access_key: str
-    region: str
-    service: str
-
-
-def _signature(environ: dict[str, Any]) -> _Signed | None:
-    match = _CREDENTIAL.search(environ.get("HTTP_AUTHORIZATION", ""))
-    if not match:
-        return None
-    return _Signed(match.group(1), match.group(2), match.group(3).lower())
-
-
-def _read_form(environ: dict[str, Any]) -> list[tuple[str, str]]:
-    """Query-protocol parameters (body, else query string); the body stays readable."""
-    if environ.get("CONTENT_TYPE", "").startswith("application/x-www-form-urlencoded"):
-        try:
-            length = int(environ.get("CONTENT_LENGTH") or 0)
-        except ValueError:
-            length = 0
-        body = environ["wsgi.input"].read(length) if length > 0 else b""
-        environ["wsgi.input"] = io.BytesIO(body)
-        if body:
-            return parse_qsl(body.decode("utf-8"), keep_blank_values=True)
-    return parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True)
-
-
-def _action_of(environ: dict[str, Any], form: Sequence[tuple[str, str]], service: str) -> str:
-    if service == "s3":  # REST: the action IAM authorizes the request as
-        return s3_action(
-            environ.get("REQUEST_METHOD", "GET"),
-            environ.get("PATH_INFO", "/"),
-            environ.get("QUERY_STRING", ""),
-        )
-    for key, value in form:
-        if key == "Action":
-            return value
-    target = environ.get("HTTP_X_AMZ_TARGET", "")
-    if target:
-        return target.rsplit(".", 1)[-1]  # JSON protocol: "AmazonSSM.GetParameter"
-    return f"{environ.get('REQUEST_METHOD', 'GET')} {environ.get('PATH_INFO', '/')}"
-
-
-def _account_of(environ: dict[str, Any], access_key: str) -> str:
-    # The same precedence moto uses, so we look at the backend moto will use.
-    if "MOTO_ACCOUNT_ID" in os.environ:
-        return os.environ["MOTO_ACCOUNT_ID"]
-    if "HTTP_X_MOTO_ACCOUNT_ID" in environ:
-        return str(environ["HTTP_X_MOTO_ACCOUNT_ID"])
-    from moto.iam.models import get_account_id_from
-
-    return get_account_id_from(access_key)
-
-
-@dataclass(frozen=True)
-class _Where:
-    """Which moto backend a resource lives in."""
-
-    account: str
-    region: str
-
-    def backend(self) -> Any:
-        from moto.ec2.models import ec2_backends
-
-        return ec2_backends[self.account][self.region]
-
-
-@dataclass(frozen=True)
-class _Ec2Request:
-    environ: dict[str, Any]
-    params: tuple[tuple[str, str], ...]
-    where: _Where
-
-    @property
-    def action(self) -> str:
-        return self.get("Action") or ""
-
-    def get(self, name: str) -> str | None:
-        for key, value in self.params:
-            if key == name:
-                return value
-        return None
-
-    def numbered(self, prefix: str) -> list[str]:
-        """Values of ``Prefix.1``, ``Prefix.2``, ... (EC2's list parameters)."""
-        pattern = re.compile(rf"^{re.escape(prefix)}\.\d+$")
-        return [value for key, value in self.params if pattern.match(key)]
-
-    def with_params(self, params: Iterable[tuple[str, str]]) -> _Ec2Request:
-        return replace(self, params=tuple(params))
-
-
-# -- replies ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Reply:
-    status: int
-    body: bytes
-    content_type: str = "text/xml"
-    after: tuple[Callable[[], None], ...] = ()  # run once the EC2 lock is released
-
-    @property
-    def ok(self) -> bool:
-        return self.status < 400
-
-    @property
-    def error_code(self) -> str | None:
-        if self.ok:
-            return None
-        match = _ERROR_CODE.search(self.body)
-        return match.group(1).decode() if match else None
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
-
-
-def ec2_error(code: str, message: str, status: int = 400) -> _Reply:
-    """EC2's error document, the one botocore's ec2 parser reads."""
-    root = ET.Element("Response")
-    error = ET.SubElement(ET.SubElement(root, "Errors"), "Error")
-    ET.SubElement(error, "Code").text = code
-    ET.SubElement(error, "Message").text = message
-    ET.SubElement(root, "RequestID").text = str(uuid.uuid4())
-    return _Reply(status, ET.tostring(root, encoding="utf-8", xml_declaration=True))
-
-
-@dataclass
-class _Doc:
-    """An EC2 XML answer with its namespace taken off, to edit by plain tag names."""
-
-    root: ET.Element
-    namespace: str
-
-    @classmethod
-    def parse(cls, body: bytes) -> _Doc:
-        root = ET.fromstring(body)
-        namespace = root.tag[1:].split("}", 1)[0] if root.tag.startswith("{") else ""
-        for element in root.iter():
-            if element.tag.startswith("{"):
-                element.tag = element.tag.split("}", 1)[1]
-        return cls(root, namespace)
-
-    def dump(self) -> bytes:
-        if self.namespace:
-            self.root.set("xmlns", self.namespace)
-        return ET.tostring(self.root, encoding="utf-8", xml_declaration=True)
-
-
-def _set_text(element: ET.Element, tag: str, text: str) -> None:
-    child = element.find(tag)
-    if child is None:
-        child = ET.SubElement(element, tag)
-    child.text = text
-
-
-def _response(action: str, fields: Sequence[tuple[str, str]]) -> _Reply:
-    root = ET.Element(f"{action}Response")
-    for tag, text in fields:
-        ET.SubElement(root, tag).text = text
-    ET.SubElement(root, "requestId").text = str(uuid.uuid4())
-    return _Reply(200, _Doc(root, EC2_NAMESPACE).dump())
-
-
-# -- filters ---------------------------------------------------------------------------------
-
-_Filter = tuple[str, tuple[str, ...]]
-_FILTER_KEY = re.compile(r"^Filter\.(\d+)\.(Name|Value\.\d+)$")
-
-
-def _take_filters(
-    params: Sequence[tuple[str, str]], names: frozenset[str]
-) -> tuple[list[tuple[str, str]], list[_Filter]]:
-    """Split out the filters the middleware answers itself; renumber the rest for moto."""
-    others: list[tuple[str, str]] = []
-    groups: dict[int, dict[str, Any]] = {}
-    for key, value in params:
-        match = _FILTER_KEY.match(key)
-        if not match:
-            others.append((key, value))
-            continue
-        group = groups.setdefault(int(match.group(1)), {"name": "", "values": []})
-        if match.group(2) == "Name":
-            group["name"] = value
-        else:
-            group["values"].append(value)
-    taken: list[_Filter] = []
-    kept = 0
-    for _, group in sorted(groups.items()):
-        if group["name"] in names:
-            taken.append((group["name"], tuple(group["values"])))
-            continue
-        kept += 1
-        others.append((f"Filter.{kept}.Name", group["name"]))
-        others.extend((f"Filter.{kept}.Value.{i}", v) for i, v in enumerate(group["values"], 1))
-    return others, taken
-
-
-def _passes(filters: Sequence[_Filter], values_of: Callable[[str], Sequence[str]]) -> bool:
-    """EC2 semantics: all filters must match; any value of a filter may match (with * and ?)."""
-    for name, patterns in filters:
-        actual = values_of(name)
-        if not any(fnmatch.fnmatchcase(a, p) for a in actual for p in patterns):
-            return False
-    return True
-
-
-def _always(values: Sequence[str]) -> Callable[[str], Sequence[str]]:
-    """Values for a resource filtered on one field only."""
-    return lambda _name: values
-
-
 # -- the middleware's own timeline -------------------------------------------------------------
 
 
@@ -320,7 +111,7 @@ class _SnapshotTimeline:
 
 @dataclass(frozen=True)
 class _Attachment:
-    where: _Where
+    where: Where
     volume_id: str
     instance_id: str
     device: str
@@ -370,7 +161,7 @@ class Ec2Fidelity:
         self._attachments: dict[str, _Attachment] = {}
         # Instances shutting down: their TerminateInstances reaches moto once EC2 frees the
         # volumes (moto would detach them at once).
-        self._terminations: dict[str, _Ec2Request] = {}
+        self._terminations: dict[str, Ec2Request] = {}
         self._roots: dict[str, Path] = {}
         self._timers: set[threading.Timer] = set()
         self._tokens = 0
@@ -378,7 +169,7 @@ class Ec2Fidelity:
         self._closed = threading.Event()
         self._record_lock = threading.Lock()
         self._calls: list[RecordedCall] = []
-        self._handlers: dict[str, Callable[[_Ec2Request], _Reply]] = {
+        self._handlers: dict[str, Callable[[Ec2Request], Reply]] = {
             "AttachVolume": self._attach_volume,
             "DetachVolume": self._detach_volume,
             "CreateVolume": self._create_volume,
@@ -479,18 +270,18 @@ class Ec2Fidelity:
     # -- WSGI ------------------------------------------------------------------------------
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Any:
-        signed = _signature(environ)
+        signed = signature(environ)
         if signed is None:  # moto-api, IMDS stub, ...: not an AWS API call
             return self._app(environ, start_response)
-        form = _read_form(environ)
-        action = _action_of(environ, form, signed.service)
+        form = read_form(environ)
+        action = action_of(environ, form, signed.service)
         if signed.service != "ec2":
             return self._pass_through(environ, start_response, signed, action)
 
-        request = _Ec2Request(
+        request = Ec2Request(
             environ=dict(environ),
             params=tuple(form),
-            where=_Where(_account_of(environ, signed.access_key), signed.region),
+            where=Where(account_of(environ, signed.access_key), signed.region),
         )
         try:
             with self._lock:
@@ -505,7 +296,7 @@ class Ec2Fidelity:
             except Exception:
                 log.exception("sandbox hook after %s failed", action)
         start_response(
-            f"{reply.status} {_reason(reply.status)}",
+            f"{reply.status} {reason_phrase(reply.status)}",
             [("Content-Type", reply.content_type), ("Content-Length", str(len(reply.body)))],
         )
         return [reply.body]
@@ -514,7 +305,7 @@ class Ec2Fidelity:
         self,
         environ: dict[str, Any],
         start_response: Callable[..., Any],
-        signed: _Signed,
+        signed: Signed,
         action: str,
     ) -> Any:
         def recording_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
@@ -524,7 +315,7 @@ class Ec2Fidelity:
 
         return self._app(environ, recording_start_response)
 
-    def _answer(self, request: _Ec2Request) -> _Reply:
+    def _answer(self, request: Ec2Request) -> Reply:
         faults = self._faults
         if faults.throttle_rate > 0 and self._dice.random() < faults.throttle_rate:
             return ec2_error("RequestLimitExceeded", "Request limit exceeded.", 503)
@@ -535,7 +326,7 @@ class Ec2Fidelity:
         handler = self._handlers.get(request.action, self._forward)
         return handler(request)
 
-    def _forward(self, request: _Ec2Request) -> _Reply:
+    def _forward(self, request: Ec2Request) -> Reply:
         """Hand the (possibly rewritten) request to moto and collect its whole answer."""
         body = urlencode(request.params).encode("utf-8")
         environ = dict(request.environ)
@@ -560,9 +351,9 @@ class Ec2Fidelity:
             if close is not None:
                 close()
         content_type = dict(started.get("headers") or []).get("Content-Type", "text/xml")
-        return _Reply(int(str(started["status"]).split(" ", 1)[0]), b"".join(chunks), content_type)
+        return Reply(int(str(started["status"]).split(" ", 1)[0]), b"".join(chunks), content_type)
 
-    def _create_launch_template_version(self, request: _Ec2Request) -> _Reply:
+    def _create_launch_template_version(self, request: Ec2Request) -> Reply:
         """moto keeps a new version's UserData as the raw string (its CreateLaunchTemplate
         decodes it), and its Auto Scaling then fails on the version: store it decoded too."""
         reply = self._forward(request)
@@ -581,7 +372,7 @@ class Ec2Fidelity:
 
     # -- volumes ---------------------------------------------------------------------------
 
-    def _create_volume(self, request: _Ec2Request) -> _Reply:
+    def _create_volume(self, request: Ec2Request) -> Reply:
         snapshot_id = request.get("SnapshotId")
         size = request.get("Size")
         if snapshot_id and size is not None and size.isdigit():
@@ -595,7 +386,7 @@ class Ec2Fidelity:
         reply = self._forward(request)
         if not reply.ok:
             return reply
-        doc = _Doc.parse(reply.body)
+        doc = Doc.parse(reply.body)
         volume_id = doc.root.findtext("volumeId") or ""
         size_gib = int(doc.root.findtext("size") or 0)
         source = snapshot_id if snapshot_id and self._blocks.has_snapshot(snapshot_id) else None
@@ -609,14 +400,14 @@ class Ec2Fidelity:
         self._rewrite_volume(doc.root, self._now())
         return replace(reply, body=doc.dump())
 
-    def _snapshot_size(self, where: _Where, snapshot_id: str) -> int | None:
+    def _snapshot_size(self, where: Where, snapshot_id: str) -> int | None:
         timeline = self._snapshots.get(snapshot_id)
         if timeline is not None:
             return timeline.size_gib
         snapshot = where.backend().snapshots.get(snapshot_id)
         return int(snapshot.volume_size) if snapshot is not None else None
 
-    def _delete_volume(self, request: _Ec2Request) -> _Reply:
+    def _delete_volume(self, request: Ec2Request) -> Reply:
         reply = self._forward(request)  # moto refuses an attached volume with VolumeInUse
         volume_id = request.get("VolumeId") or ""
         if reply.ok and volume_id.startswith("vol-"):
@@ -625,12 +416,12 @@ class Ec2Fidelity:
             self._blocks.delete_volume(volume_id)
         return reply
 
-    def _describe_volumes(self, request: _Ec2Request) -> _Reply:
-        params, filters = _take_filters(request.params, _VOLUME_FILTERS)
+    def _describe_volumes(self, request: Ec2Request) -> Reply:
+        params, filters = take_filters(request.params, _VOLUME_FILTERS)
         reply = self._forward(request.with_params(params))
         if not reply.ok:
             return reply
-        doc = _Doc.parse(reply.body)
+        doc = Doc.parse(reply.body)
         now = self._now()
         volume_set = doc.root.find("volumeSet")
         for item in list(volume_set if volume_set is not None else []):
@@ -641,7 +432,7 @@ class Ec2Fidelity:
                     return [item.findtext("status") or ""]
                 return [a.findtext("status") or "" for a in item.iterfind("attachmentSet/item")]
 
-            if not _passes(filters, values_of):
+            if not passes(filters, values_of):
                 assert volume_set is not None
                 volume_set.remove(item)
         return replace(reply, body=doc.dump())
@@ -650,17 +441,17 @@ class Ec2Fidelity:
         volume_id = item.findtext("volumeId") or ""
         timeline = self._volumes.get(volume_id)
         if timeline is not None and now < timeline.ready_at:
-            _set_text(item, "status", "creating")
+            set_text(item, "status", "creating")
         attachment = self._attachments.get(volume_id)
         if attachment is None:
             return
         for entry in item.iterfind("attachmentSet/item"):
             if entry.findtext("instanceId") == attachment.instance_id:
-                _set_text(entry, "status", attachment.phase(now))
+                set_text(entry, "status", attachment.phase(now))
 
     # -- attach / detach -------------------------------------------------------------------
 
-    def _attach_volume(self, request: _Ec2Request) -> _Reply:
+    def _attach_volume(self, request: Ec2Request) -> Reply:
         backend = request.where.backend()
         volume_id = request.get("VolumeId") or ""
         instance_id = request.get("InstanceId") or ""
@@ -725,7 +516,7 @@ class Ec2Fidelity:
             # The API already said attached; like a guest that never sees the disk.
             log.exception("block device for %s did not appear", volume_id)
 
-    def _detach_volume(self, request: _Ec2Request) -> _Reply:
+    def _detach_volume(self, request: Ec2Request) -> Reply:
         backend = request.where.backend()
         volume_id = request.get("VolumeId") or ""
         volume = backend.volumes.get(volume_id)
@@ -763,7 +554,7 @@ class Ec2Fidelity:
                 log.exception("detach of %s failed; the watcher retries", volume_id)
             if volume_id in self._attachments:
                 self._start_watcher()
-        return _response(
+        return ec2_response(
             "DetachVolume",
             [
                 ("volumeId", volume_id),
@@ -821,7 +612,7 @@ class Ec2Fidelity:
 
     # -- snapshots -------------------------------------------------------------------------
 
-    def _create_snapshot(self, request: _Ec2Request) -> _Reply:
+    def _create_snapshot(self, request: Ec2Request) -> Reply:
         volume_id = request.get("VolumeId") or ""
         timeline = self._volumes.get(volume_id)
         if timeline is not None and self._now() < timeline.ready_at:
@@ -829,7 +620,7 @@ class Ec2Fidelity:
         reply = self._forward(request)
         if not reply.ok:
             return reply
-        doc = _Doc.parse(reply.body)
+        doc = Doc.parse(reply.body)
         snapshot_id = doc.root.findtext("snapshotId") or ""
         size_gib = int(doc.root.findtext("volumeSize") or 0)
         if self._blocks.has_volume(volume_id):
@@ -849,26 +640,26 @@ class Ec2Fidelity:
         timeline = self._snapshots.get(item.findtext("snapshotId") or "")
         if timeline is not None:
             state, progress = timeline.state(now)
-            _set_text(item, "status", state)
-            _set_text(item, "progress", progress)
+            set_text(item, "status", state)
+            set_text(item, "progress", progress)
 
-    def _describe_snapshots(self, request: _Ec2Request) -> _Reply:
-        params, filters = _take_filters(request.params, _SNAPSHOT_FILTERS)
+    def _describe_snapshots(self, request: Ec2Request) -> Reply:
+        params, filters = take_filters(request.params, _SNAPSHOT_FILTERS)
         reply = self._forward(request.with_params(params))
         if not reply.ok:
             return reply
-        doc = _Doc.parse(reply.body)
+        doc = Doc.parse(reply.body)
         now = self._now()
         snapshot_set = doc.root.find("snapshotSet")
         for item in list(snapshot_set if snapshot_set is not None else []):
             self._rewrite_snapshot(item, now)
             status = item.findtext("status") or ""
-            if not _passes(filters, _always([status])):
+            if not passes(filters, always_values([status])):
                 assert snapshot_set is not None
                 snapshot_set.remove(item)
         return replace(reply, body=doc.dump())
 
-    def _delete_snapshot(self, request: _Ec2Request) -> _Reply:
+    def _delete_snapshot(self, request: Ec2Request) -> Reply:
         reply = self._forward(request)
         snapshot_id = request.get("SnapshotId") or ""
         if reply.ok and snapshot_id.startswith("snap-"):
@@ -878,20 +669,20 @@ class Ec2Fidelity:
 
     # -- instances -------------------------------------------------------------------------
 
-    def _run_instances(self, request: _Ec2Request) -> _Reply:
+    def _run_instances(self, request: Ec2Request) -> Reply:
         reply = self._forward(request)
         hook = self.on_run_instances
         if not reply.ok or hook is None:
             return reply
-        ids = [e.text or "" for e in _Doc.parse(reply.body).root.iterfind(".//instanceId")]
+        ids = [e.text or "" for e in Doc.parse(reply.body).root.iterfind(".//instanceId")]
         return replace(reply, after=(lambda: hook(ids),))
 
-    def _describe_instances(self, request: _Ec2Request) -> _Reply:
-        params, filters = _take_filters(request.params, _INSTANCE_FILTERS)
+    def _describe_instances(self, request: Ec2Request) -> Reply:
+        params, filters = take_filters(request.params, _INSTANCE_FILTERS)
         reply = self._forward(request.with_params(params))
         if not reply.ok or not (filters or self._terminations or self._attachments):
             return reply
-        doc = _Doc.parse(reply.body)
+        doc = Doc.parse(reply.body)
         now = self._now()
         reservations = doc.root.find("reservationSet")
         for reservation in list(reservations if reservations is not None else []):
@@ -899,7 +690,7 @@ class Ec2Fidelity:
             for item in list(instances if instances is not None else []):
                 self._rewrite_instance(item, now)
                 state = item.findtext("instanceState/name") or ""
-                if not _passes(filters, _always([state])):
+                if not passes(filters, always_values([state])):
                     assert instances is not None
                     instances.remove(item)
             if instances is None or len(instances) == 0:
@@ -912,15 +703,15 @@ class Ec2Fidelity:
         if instance_id in self._terminations:
             state = item.find("instanceState")
             if state is not None:
-                _set_text(state, "code", "32")
-                _set_text(state, "name", "shutting-down")
+                set_text(state, "code", "32")
+                set_text(state, "name", "shutting-down")
         for mapping in item.iterfind("blockDeviceMapping/item"):
             attachment = self._attachments.get(mapping.findtext("ebs/volumeId") or "")
             ebs = mapping.find("ebs")
             if attachment is not None and ebs is not None:
-                _set_text(ebs, "status", attachment.phase(now))
+                set_text(ebs, "status", attachment.phase(now))
 
-    def _terminate_instances(self, request: _Ec2Request) -> _Reply:
+    def _terminate_instances(self, request: Ec2Request) -> Reply:
         """EC2 frees an instance's volumes a while after TerminateInstances, not at once."""
         backend = request.where.backend()
         ids = request.numbered("InstanceId")
@@ -950,10 +741,10 @@ class Ec2Fidelity:
             ET.SubElement(previous_state, "code").text = code
             ET.SubElement(previous_state, "name").text = name
         ET.SubElement(root, "requestId").text = str(uuid.uuid4())
-        reply = _Reply(200, _Doc(root, EC2_NAMESPACE).dump())
+        reply = Reply(200, Doc(root, EC2_NAMESPACE).dump())
         return self._after_terminate(reply, ids)
 
-    def _after_terminate(self, reply: _Reply, ids: list[str]) -> _Reply:
+    def _after_terminate(self, reply: Reply, ids: list[str]) -> Reply:
         hook = self.on_terminate_instances
         if not reply.ok or hook is None:
             return reply

@@ -19,17 +19,14 @@ from xdrive.agent import main
 from xdrive.agent.config import AgentConfig
 from xdrive.agent.imds import ImdsClient, InstanceIdentity
 from xdrive.agent.notify import Notifier
-from xdrive.agent.save import (
-    MIN_CONTAINERS_S,
-    MIN_UNMOUNT_S,
+from xdrive.agent.processes import (
     catches_signal,
-    deadline_from_notice,
     parse_signal,
-    plan_budget,
     process_running,
     process_start_time,
     wait_gone,
 )
+from xdrive.agent.save import MIN_CONTAINERS_S, MIN_UNMOUNT_S, deadline_from_notice, plan_budget
 from xdrive.agent.state import AgentStatus, SaveRecord, initial_status, read_status, status_path
 from xdrive.agent.watch import Event
 from xdrive.sandbox.imds import ImdsFaults, ImdsIdentity, ImdsServer
