@@ -10,7 +10,9 @@ moments, the agent SIGKILLed at steps of its boot and save, throttling bursts, I
 notice, zones at random, and two instances racing for the drive. After and during every
 cycle (``chaos_cycle``, ``chaos_watch``) it checks that the drive restored next holds every
 file ever synced to it, that no volume went before a completed final snapshot held it, that
-there was never more than one writer, and that the leftovers are few and tagged.
+there was never more than one writer, that the leftovers are few and tagged, and that the
+agents never needed more than the generated least-privilege policy (which the sandbox
+enforces).
 
 A failure prints its seed (and the command to replay it). The last line is exactly
 ``N passed, M failed``; the exit status is 1 if any cycle failed. Needs root.

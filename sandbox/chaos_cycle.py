@@ -561,6 +561,8 @@ def run_cycle(plan: CyclePlan, keep_logs: Optional[Path] = None) -> CycleResult:
         except Exception as e:  # a harness bug must not leave the machine dirty
             runner.violate("harness", f"{type(e).__name__}: {e}")
             runner.teardown_members()
+        for denial in sb.fidelity.policy_denials():
+            runner.violate("least privilege", f"the generated agent policy refused {denial}")
         if runner.violations and keep_logs is not None:
             log_dir = keep_logs / f"seed-{plan.seed}"
             _save_logs(sb, runner, log_dir)

@@ -25,6 +25,7 @@ from botocore.config import Config
 from xdrive.agent.config import AgentConfig, DockerSettings, VolumeSettings, WatchSettings
 from xdrive.agent.state import AgentStatus, read_status
 from xdrive.errors import XdriveError
+from xdrive.launcher.iam import agent_policy
 from xdrive.sandbox import dockerctl
 from xdrive.sandbox.blocks import BlockPlane
 from xdrive.sandbox.fidelity import Ec2Fidelity
@@ -132,6 +133,9 @@ class Sandbox:
         self.fidelity = Ec2Fidelity(
             self.blocks, latencies=latencies, faults=faults, on_run_instances=self._booted
         )
+        # Agents act under the policy `xdrive iam-policy --role agent` prints, as a
+        # least-privilege instance profile would hold it: every agent test tests it too.
+        self.fidelity.enforce_policy(AGENT_ACCESS_KEY, agent_policy())
         self.server = SandboxServer(self.fidelity)
         self.instances: dict[str, SimInstance] = {}
         self._lock = threading.Lock()

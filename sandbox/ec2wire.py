@@ -100,6 +100,7 @@ class Ec2Request:
     environ: dict[str, Any]
     params: tuple[tuple[str, str], ...]
     where: Where
+    access_key: str = ""
 
     @property
     def action(self) -> str:

@@ -47,6 +47,7 @@ from xdrive.sandbox.ec2wire import (
     signature,
     take_filters,
 )
+from xdrive.sandbox.iam_eval import Ec2State, ec2_checks, first_denied
 from xdrive.sandbox.settings import Faults, Latencies
 
 log = logging.getLogger(__name__)
@@ -169,6 +170,8 @@ class Ec2Fidelity:
         self._closed = threading.Event()
         self._record_lock = threading.Lock()
         self._calls: list[RecordedCall] = []
+        self._policies: dict[str, dict[str, Any]] = {}  # access key -> enforced IAM policy
+        self._policy_denials: list[str] = []
         self._handlers: dict[str, Callable[[Ec2Request], Reply]] = {
             "AttachVolume": self._attach_volume,
             "DetachVolume": self._detach_volume,
@@ -207,6 +210,20 @@ class Ec2Fidelity:
         """Where an instance's root prefix is: its volumes' device links go under it."""
         with self._lock:
             self._roots[instance_id] = Path(root)
+
+    def enforce_policy(self, access_key: str, policy: Optional[dict[str, Any]]) -> None:
+        """Evaluate ``policy`` (an IAM policy document) for every EC2 call signed with
+        ``access_key`` and refuse what it does not allow (None: stop enforcing)."""
+        with self._lock:
+            if policy is None:
+                self._policies.pop(access_key, None)
+            else:
+                self._policies[access_key] = policy
+
+    def policy_denials(self) -> tuple[str, ...]:
+        """The checks an enforced policy refused ("ec2:Action on ARN"), oldest first."""
+        with self._lock:
+            return tuple(self._policy_denials)
 
     def recorded_actions(self) -> tuple[RecordedCall, ...]:
         with self._record_lock:
@@ -282,6 +299,7 @@ class Ec2Fidelity:
             environ=dict(environ),
             params=tuple(form),
             where=Where(account_of(environ, signed.access_key), signed.region),
+            access_key=signed.access_key,
         )
         try:
             with self._lock:
@@ -323,8 +341,37 @@ class Ec2Fidelity:
             return ec2_error(
                 "UnauthorizedOperation", "You are not authorized to perform this operation.", 403
             )
+        policy = self._policies.get(request.access_key)
+        if policy is not None:
+            denied = first_denied(
+                policy, ec2_checks(request.action, request.params, self._ec2_state(request.where))
+            )
+            if denied is not None:
+                log.warning("sandbox IAM denied %s on %s", denied.action, denied.arn)
+                self._policy_denials.append(f"{denied.action} on {denied.arn}")
+                return ec2_error(
+                    "UnauthorizedOperation",
+                    "You are not authorized to perform this operation. "
+                    f"(sandbox IAM: {denied.action} on {denied.arn})",
+                    403,
+                )
         handler = self._handlers.get(request.action, self._forward)
         return handler(request)
+
+    def _ec2_state(self, where: Where) -> Ec2State:
+        backend = where.backend()
+        attached = {
+            volume_id: volume.attachment.instance.id
+            for volume_id, volume in backend.volumes.items()
+            if getattr(volume, "attachment", None) is not None
+        }
+        attached.update({a.volume_id: a.instance_id for a in self._attachments.values()})
+        return Ec2State(
+            region=where.region,
+            account=where.account,
+            tags={rid: dict(t) for rid, t in backend.tags.items()},
+            attached_to=attached,
+        )
 
     def _forward(self, request: Ec2Request) -> Reply:
         """Hand the (possibly rewritten) request to moto and collect its whole answer."""

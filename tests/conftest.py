@@ -54,10 +54,17 @@ def workdir() -> Iterator[Path]:
 
 
 @pytest.fixture
-def sandbox() -> Iterator[Sandbox]:
-    """A whole local AWS, torn down (agents, dockerd, mounts, loop devices) even on failure."""
+def sandbox(request: pytest.FixtureRequest) -> Iterator[Sandbox]:
+    """A whole local AWS, torn down (agents, dockerd, mounts, loop devices) even on failure.
+
+    Its agents run under the generated agent policy: a test that did not ask for denials
+    (``@pytest.mark.policy_denials``) fails if the policy refused the agent anything.
+    """
     sb = Sandbox().start()
     try:
         yield sb
     finally:
+        denials = sb.fidelity.policy_denials()
         sb.close()
+    if request.node.get_closest_marker("policy_denials") is None:
+        assert denials == (), f"the agent policy refused: {denials}"
