@@ -25,7 +25,15 @@ from xdrive import tags
 from xdrive.sandbox.blocks import BlockPlane
 
 Invariant = Literal[
-    "data", "deletion", "writers", "leftovers", "liveness", "race", "agent", "harness"
+    "data",
+    "deletion",
+    "writers",
+    "leftovers",
+    "liveness",
+    "race",
+    "agent",
+    "least privilege",
+    "harness",
 ]
 MAX_LEFTOVER_VOLUMES = 2
 

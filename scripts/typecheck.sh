@@ -10,8 +10,9 @@ for pkg in agent cloudinit launcher sandbox; do
   mkdir -p "$tree/xdrive/$pkg" && cp -l "$pkg"/*.py "$tree/xdrive/$pkg/"
 done
 export MYPYPATH="$tree"
-status=0
-{ .venv/bin/mypy -p xdrive "$@" && .venv/bin/mypy tests bench "$@"; } 2>&1 \
-  | sed -e "s#^$tree/xdrive/\(agent\|cloudinit\|launcher\|sandbox\)/#\1/#" -e "s#^$tree/xdrive/#core/#" \
-  || status=1
-exit "${PIPESTATUS[0]:-$status}"
+check() { .venv/bin/mypy -p xdrive "$@" && .venv/bin/mypy tests bench "$@"; }
+# pipefail: the pipeline fails when mypy does, whatever sed says.
+if ! check "$@" 2>&1 | sed -e "s#^$tree/xdrive/\(agent\|cloudinit\|launcher\|sandbox\)/#\1/#" \
+  -e "s#^$tree/xdrive/#core/#"; then
+  exit 1
+fi
