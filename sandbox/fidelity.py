@@ -371,6 +371,9 @@ class Ec2Fidelity:
             account=where.account,
             tags={rid: dict(t) for rid, t in backend.tags.items()},
             attached_to=attached,
+            launch_templates={
+                t.name: t.id for t in getattr(backend, "launch_templates", {}).values()
+            },
         )
 
     def _forward(self, request: Ec2Request) -> Reply:

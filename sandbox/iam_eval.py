@@ -25,6 +25,18 @@ from typing import Any, Optional
 _TAG_SPEC = re.compile(r"^TagSpecification\.(\d+)\.(ResourceType|Tag\.(\d+)\.(Key|Value))$")
 _TAG = re.compile(r"^Tag\.(\d+)\.(Key|Value)$")
 _OPERATORS = ("StringEquals", "StringLike")
+# Resource id prefix -> ARN resource type; snapshots and images have no account in theirs.
+_KINDS = {
+    "vol": "volume",
+    "snap": "snapshot",
+    "i": "instance",
+    "lt": "launch-template",
+    "sg": "security-group",
+    "subnet": "subnet",
+    "ami": "image",
+    "eni": "network-interface",
+}
+_ACCOUNTLESS = ("snapshot", "image")
 
 
 @dataclass(frozen=True)
@@ -99,17 +111,18 @@ class Ec2State:
     account: str
     tags: Mapping[str, Mapping[str, str]]  # resource id -> its tags
     attached_to: Mapping[str, str]  # volume id -> instance id
+    launch_templates: Mapping[str, str] = field(default_factory=dict)  # name -> id
 
     def arn(self, resource_id: str) -> str:
-        if resource_id.startswith("snap-"):
-            return f"arn:aws:ec2:{self.region}::snapshot/{resource_id}"
-        kind = {"vol-": "volume", "i-": "instance"}.get(resource_id.split("-")[0] + "-", "")
-        return f"arn:aws:ec2:{self.region}:{self.account}:{kind or 'unknown'}/{resource_id}"
+        kind = _KINDS.get(resource_id.split("-")[0], "unknown")
+        if kind in _ACCOUNTLESS:
+            return f"arn:aws:ec2:{self.region}::{kind}/{resource_id}"
+        return f"arn:aws:ec2:{self.region}:{self.account}:{kind}/{resource_id}"
 
     def new(self, kind: str) -> str:
         """The ARN a resource being created is authorized as."""
-        if kind == "snapshot":
-            return f"arn:aws:ec2:{self.region}::snapshot/*"
+        if kind in _ACCOUNTLESS:
+            return f"arn:aws:ec2:{self.region}::{kind}/*"
         return f"arn:aws:ec2:{self.region}:{self.account}:{kind}/*"
 
     def resource_tags(self, resource_id: str) -> dict[str, str]:
@@ -169,6 +182,23 @@ def ec2_checks(action: str, params: Sequence[tuple[str, str]], state: Ec2State) 
     if action in ("DeleteVolume", "DeleteSnapshot"):
         resource = get("VolumeId") or get("SnapshotId") or ""
         return [Check(name, state.arn(resource), state.resource_tags(resource))]
+    if action == "RunInstances":
+        return _run_instances_checks(params, specs, state)
+    if action == "CreateLaunchTemplate":
+        asked = _as_request_tags(specs.get("launch-template", {}))
+        checks = [Check(name, state.new("launch-template"), asked)]
+        if asked:
+            on_create = {**asked, "ec2:CreateAction": action}
+            checks.append(Check("ec2:CreateTags", state.new("launch-template"), on_create))
+        return checks
+    if action in ("CreateLaunchTemplateVersion", "ModifyLaunchTemplate", "DeleteLaunchTemplate"):
+        template = get("LaunchTemplateId") or state.launch_templates.get(
+            get("LaunchTemplateName") or "", ""
+        )
+        return [Check(name, state.arn(template), state.resource_tags(template))]
+    if action == "TerminateInstances":
+        ids = [v for k, v in params if re.fullmatch(r"InstanceId\.\d+", k)]
+        return [Check(name, state.arn(i), state.resource_tags(i)) for i in ids]
     if action == "CreateTags":
         new_tags: dict[str, str] = {}
         keys = {m.group(1): v for k, v in params if (m := _TAG.match(k)) and m.group(2) == "Key"}
@@ -181,6 +211,40 @@ def ec2_checks(action: str, params: Sequence[tuple[str, str]], state: Ec2State) 
         asked = _as_request_tags(new_tags)
         return [Check(name, state.arn(r), {**state.resource_tags(r), **asked}) for r in resources]
     return [Check(name, "*")]
+
+
+def _run_instances_checks(
+    params: Sequence[tuple[str, str]], specs: Mapping[str, Mapping[str, str]], state: Ec2State
+) -> list[Check]:
+    """RunInstances is authorized on each resource it uses or creates; the tags asked for
+    (instance and spot request) apply to all of them, and are authorized as CreateTags."""
+    get = dict(params).get
+    name = "ec2:RunInstances"
+    asked: dict[str, str] = {}
+    for tags in specs.values():
+        asked.update(_as_request_tags(tags))
+
+    def existing(resource_id: Optional[str], kind: str) -> str:
+        return state.arn(resource_id) if resource_id else state.new(kind)
+
+    groups = [v for k, v in params if re.fullmatch(r"SecurityGroupId\.\d+", k)]
+    used = [
+        existing(get("ImageId"), "image"),
+        existing(get("SubnetId"), "subnet"),
+        *([state.arn(g) for g in groups] or [state.new("security-group")]),
+        state.new("network-interface"),
+        state.new("volume"),  # the root volume
+        state.new("instance"),
+    ]
+    if get("KeyName"):
+        used.append(f"arn:aws:ec2:{state.region}:{state.account}:key-pair/{get('KeyName')}")
+    if get("InstanceMarketOptions.MarketType") == "spot":
+        used.append(state.new("spot-instances-request"))
+    checks = [Check(name, arn, asked) for arn in used]
+    for kind in specs:
+        on_create = {**asked, "ec2:CreateAction": "RunInstances"}
+        checks.append(Check("ec2:CreateTags", state.new(kind), on_create))
+    return checks
 
 
 def first_denied(policy: Mapping[str, Any], checks: Sequence[Check]) -> Optional[Check]:

@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from xdrive.launcher.iam import PolicyScope, agent_policy
+from xdrive.launcher.iam import PolicyScope, agent_policy, launcher_policy
 from xdrive.sandbox.iam_eval import Check, Ec2State, UnsupportedPolicy, allows, ec2_checks
 
 STATE = Ec2State(
@@ -18,8 +18,12 @@ STATE = Ec2State(
         "vol-plain": {"Name": "not a drive"},
         "snap-work": {"xdrive:name": "work"},
         "i-1": {},
+        "i-work": {"xdrive:name": "work"},
+        "lt-work": {"xdrive:name": "work"},
+        "lt-other": {"xdrive:name": "other"},
     },
     attached_to={"vol-work": "i-1"},
+    launch_templates={"xdrive-work": "lt-work", "xdrive-other": "lt-other"},
 )
 WORK = agent_policy(PolicyScope(drive="work"))
 
@@ -31,7 +35,7 @@ def tag_spec(kind: str, **tags: str) -> list[tuple[str, str]]:
     return params
 
 
-def agent_may(action: str, params: list[tuple[str, str]], policy: Any = WORK) -> bool:
+def may(action: str, params: list[tuple[str, str]], policy: Any = WORK) -> bool:
     return all(allows(policy, c) for c in ec2_checks(action, params, STATE))
 
 
@@ -91,13 +95,13 @@ def test_a_detach_is_checked_against_the_instance_the_volume_is_attached_to() ->
 def test_the_drive_scoped_agent_policy(
     action: str, params: list[tuple[str, str]], allowed: bool
 ) -> None:
-    assert agent_may(action, params) is allowed
+    assert may(action, params) is allowed
 
 
 def test_any_drive_policy_needs_the_tag_but_not_its_value() -> None:
     anyone = agent_policy()
-    assert agent_may("DeleteVolume", [("VolumeId", "vol-other")], anyone)
-    assert not agent_may("DeleteVolume", [("VolumeId", "vol-plain")], anyone)
+    assert may("DeleteVolume", [("VolumeId", "vol-other")], anyone)
+    assert not may("DeleteVolume", [("VolumeId", "vol-plain")], anyone)
 
 
 def test_deny_wins_and_unknown_operators_are_refused() -> None:
@@ -109,3 +113,42 @@ def test_deny_wins_and_unknown_operators_are_refused() -> None:
     odd = {**allow, "Condition": {"NumericLessThan": {"aws:MultiFactorAuthAge": "3600"}}}
     with pytest.raises(UnsupportedPolicy, match="NumericLessThan"):
         allows({"Statement": [odd]}, check)
+
+
+LAUNCHER = launcher_policy(PolicyScope(drive="work"))
+SPOT_RUN = [
+    ("ImageId", "ami-1"),
+    ("InstanceType", "t3.micro"),
+    ("InstanceMarketOptions.MarketType", "spot"),
+]
+
+
+def tagged_run(drive: str) -> list[tuple[str, str]]:
+    params = list(SPOT_RUN)
+    for n, kind in enumerate(("instance", "spot-instances-request"), 1):
+        params += [
+            (f"TagSpecification.{n}.ResourceType", kind),
+            (f"TagSpecification.{n}.Tag.1.Key", "xdrive:name"),
+            (f"TagSpecification.{n}.Tag.1.Value", drive),
+        ]
+    return params
+
+
+@pytest.mark.parametrize(
+    ("action", "params", "allowed"),
+    [
+        ("RunInstances", tagged_run("work"), True),
+        ("RunInstances", tagged_run("other"), False),
+        ("RunInstances", SPOT_RUN, False),  # an untagged instance could not be found again
+        ("TerminateInstances", [("InstanceId.1", "i-work")], True),
+        ("TerminateInstances", [("InstanceId.1", "i-1")], False),  # not xdrive's
+        ("DeleteLaunchTemplate", [("LaunchTemplateName", "xdrive-work")], True),
+        ("DeleteLaunchTemplate", [("LaunchTemplateName", "xdrive-other")], False),
+        ("DeleteSnapshot", [("SnapshotId", "snap-work")], True),
+        ("DeleteVolume", [("VolumeId", "vol-plain")], False),
+    ],
+)
+def test_the_drive_scoped_launcher_policy(
+    action: str, params: list[tuple[str, str]], allowed: bool
+) -> None:
+    assert may(action, params, LAUNCHER) is allowed

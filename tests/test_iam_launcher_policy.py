@@ -16,10 +16,12 @@ import pytest
 from tests.launcher_fixtures import (  # noqa: F401 (fixtures)
     aws_env,
     ec2,
+    inventory,
+    run,
     run_every_launcher_path,
 )
 from xdrive.ec2 import Ec2
-from xdrive.launcher.iam import launcher_policy, policy_actions
+from xdrive.launcher.iam import PolicyScope, launcher_policy, policy_actions
 from xdrive.sandbox.core import Sandbox
 from xdrive.sandbox.s3actions import s3_action
 
@@ -34,6 +36,7 @@ IMPLICIT = {
     # role as the caller.
     "iam:CreateServiceLinkedRole",
 }
+LAUNCHER_KEY = "testing"  # the aws_env fixture's AWS_ACCESS_KEY_ID
 # Need no permission (GetCallerIdentity answers whoever calls).
 UNGATED = {"sts:GetCallerIdentity"}
 
@@ -44,6 +47,9 @@ def launcher_calls(sandbox: Sandbox) -> set[str]:
 
 @pytest.mark.root
 def test_launcher_policy_is_exactly_what_the_launcher_calls(aws_env: Sandbox, ec2: Ec2) -> None:
+    # EC2 calls are also evaluated against it, conditions included (the sandbox fixture
+    # fails the test on any refusal); other services' calls are compared by name only.
+    aws_env.fidelity.enforce_policy(LAUNCHER_KEY, launcher_policy())
     run_every_launcher_path(aws_env, ec2)
     called = launcher_calls(aws_env)
     allowed = policy_actions(launcher_policy())
@@ -52,6 +58,21 @@ def test_launcher_policy_is_exactly_what_the_launcher_calls(aws_env: Sandbox, ec
     unused = allowed - called - IMPLICIT
     assert not unused, f"the launcher policy allows actions never called: {sorted(unused)}"
     assert not any("*" in action for action in allowed)
+
+
+@pytest.mark.root
+@pytest.mark.policy_denials
+def test_a_launcher_policy_for_another_drive_refuses_the_launch(aws_env: Sandbox) -> None:
+    """The enforcement is real: scoped to "other", launching "work" is refused by EC2."""
+    aws_env.fidelity.enforce_policy(LAUNCHER_KEY, launcher_policy(PolicyScope(drive="other")))
+    before = inventory(aws_env)
+    result = run("launch", "work")
+    assert result.exit_code == 1
+    assert "AWS denied ec2:RunInstances" in result.stderr
+    assert [d.split(" on ")[0] for d in aws_env.fidelity.policy_denials()] == ["ec2:RunInstances"]
+    after = inventory(aws_env)
+    assert after["instances"] == before["instances"]
+    assert after["templates"] == before["templates"]
 
 
 @pytest.mark.parametrize(
