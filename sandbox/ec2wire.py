@@ -95,6 +95,12 @@ class Where:
         return ec2_backends[self.account][self.region]
 
 
+def numbered(params: Iterable[tuple[str, str]], prefix: str) -> list[str]:
+    """Values of ``Prefix.1``, ``Prefix.2``, ... (EC2's list parameters)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}\.\d+$")
+    return [value for key, value in params if pattern.match(key)]
+
+
 @dataclass(frozen=True)
 class Ec2Request:
     environ: dict[str, Any]
@@ -114,8 +120,7 @@ class Ec2Request:
 
     def numbered(self, prefix: str) -> list[str]:
         """Values of ``Prefix.1``, ``Prefix.2``, ... (EC2's list parameters)."""
-        pattern = re.compile(rf"^{re.escape(prefix)}\.\d+$")
-        return [value for key, value in self.params if pattern.match(key)]
+        return numbered(self.params, prefix)
 
     def with_params(self, params: Iterable[tuple[str, str]]) -> Ec2Request:
         return replace(self, params=tuple(params))

@@ -369,7 +369,7 @@ class Ec2Fidelity:
         return Ec2State(
             region=where.region,
             account=where.account,
-            tags={rid: dict(t) for rid, t in backend.tags.items()},
+            tags=backend.tags,  # read in place: checks run under the EC2 lock
             attached_to=attached,
             launch_templates={
                 t.name: t.id for t in getattr(backend, "launch_templates", {}).values()

@@ -22,8 +22,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-_TAG_SPEC = re.compile(r"^TagSpecification\.(\d+)\.(ResourceType|Tag\.(\d+)\.(Key|Value))$")
-_TAG = re.compile(r"^Tag\.(\d+)\.(Key|Value)$")
+from xdrive.sandbox.ec2wire import numbered
+
+_SPEC_TYPE = re.compile(r"^TagSpecification\.(\d+)\.ResourceType$")
 _OPERATORS = ("StringEquals", "StringLike")
 # Resource id prefix -> ARN resource type; snapshots and images have no account in theirs.
 _KINDS = {
@@ -129,23 +130,25 @@ class Ec2State:
         return {f"aws:ResourceTag/{k}": v for k, v in self.tags.get(resource_id, {}).items()}
 
 
+def _tags(params: Sequence[tuple[str, str]], prefix: str = "") -> dict[str, str]:
+    """The tags of ``{prefix}Tag.N.Key`` / ``{prefix}Tag.N.Value`` parameters."""
+    pattern = re.compile(rf"^{re.escape(prefix)}Tag\.(\d+)\.(Key|Value)$")
+    keys: dict[str, str] = {}
+    values: dict[str, str] = {}
+    for name, value in params:
+        m = pattern.match(name)
+        if m:
+            (keys if m.group(2) == "Key" else values)[m.group(1)] = value
+    return {key: values.get(n, "") for n, key in keys.items()}
+
+
 def _request_tags(params: Sequence[tuple[str, str]]) -> dict[str, dict[str, str]]:
     """TagSpecification.N: resource type -> the tags it asks for."""
-    specs: dict[str, dict[str, Any]] = {}
-    for key, value in params:
-        m = _TAG_SPEC.match(key)
-        if not m:
-            continue
-        spec = specs.setdefault(m.group(1), {"type": "", "keys": {}, "values": {}})
-        if m.group(2) == "ResourceType":
-            spec["type"] = value
-        else:
-            spec["keys" if m.group(4) == "Key" else "values"][m.group(3)] = value
     found: dict[str, dict[str, str]] = {}
-    for spec in specs.values():
-        tags = found.setdefault(spec["type"], {})
-        for n, k in spec["keys"].items():
-            tags[k] = spec["values"].get(n, "")
+    for name, value in params:
+        m = _SPEC_TYPE.match(name)
+        if m:
+            found.setdefault(value, {}).update(_tags(params, f"TagSpecification.{m.group(1)}."))
     return found
 
 
@@ -197,19 +200,14 @@ def ec2_checks(action: str, params: Sequence[tuple[str, str]], state: Ec2State) 
         )
         return [Check(name, state.arn(template), state.resource_tags(template))]
     if action == "TerminateInstances":
-        ids = [v for k, v in params if re.fullmatch(r"InstanceId\.\d+", k)]
+        ids = numbered(params, "InstanceId")
         return [Check(name, state.arn(i), state.resource_tags(i)) for i in ids]
     if action == "CreateTags":
-        new_tags: dict[str, str] = {}
-        keys = {m.group(1): v for k, v in params if (m := _TAG.match(k)) and m.group(2) == "Key"}
-        values = {
-            m.group(1): v for k, v in params if (m := _TAG.match(k)) and m.group(2) == "Value"
-        }
-        for n, k in keys.items():
-            new_tags[k] = values.get(n, "")
-        resources = [v for k, v in params if re.fullmatch(r"ResourceId\.\d+", k)]
-        asked = _as_request_tags(new_tags)
-        return [Check(name, state.arn(r), {**state.resource_tags(r), **asked}) for r in resources]
+        asked = _as_request_tags(_tags(params))
+        return [
+            Check(name, state.arn(r), {**state.resource_tags(r), **asked})
+            for r in numbered(params, "ResourceId")
+        ]
     return [Check(name, "*")]
 
 
@@ -227,7 +225,7 @@ def _run_instances_checks(
     def existing(resource_id: Optional[str], kind: str) -> str:
         return state.arn(resource_id) if resource_id else state.new(kind)
 
-    groups = [v for k, v in params if re.fullmatch(r"SecurityGroupId\.\d+", k)]
+    groups = numbered(params, "SecurityGroupId")
     used = [
         existing(get("ImageId"), "image"),
         existing(get("SubnetId"), "subnet"),
