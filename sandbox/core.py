@@ -119,6 +119,19 @@ def instance_environment(inst: SimInstance) -> dict[str, str]:
     return env
 
 
+def agent_environment(inst: SimInstance) -> dict[str, str]:
+    """The whole environment of an agent process on ``inst``, as systemd would give it:
+    ``instance_environment``, NOTIFY_SOCKET, and none of the caller's journal variables."""
+    env = {
+        **instance_environment(inst),
+        "NOTIFY_SOCKET": str(inst.notify.path),
+        "PYTHONUNBUFFERED": "1",
+    }
+    for var in ("INVOCATION_ID", "JOURNAL_STREAM"):
+        env.pop(var, None)
+    return env
+
+
 class Sandbox:
     def __init__(
         self,
@@ -319,13 +332,7 @@ class Sandbox:
             raise SandboxError(f"the agent on {instance_id} is already running")
         inst.config_path = inst.root / "etc/xdrive/agent.json"
         inst.config_path.write_text(config.to_json())
-        env = {
-            **instance_environment(inst),
-            "NOTIFY_SOCKET": str(inst.notify.path),
-            "PYTHONUNBUFFERED": "1",
-        }
-        for var in ("INVOCATION_ID", "JOURNAL_STREAM"):
-            env.pop(var, None)
+        env = agent_environment(inst)
         with open(inst.agent_log, "ab") as log:
             inst.agent = subprocess.Popen(
                 [

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from xdrive import tags
-from xdrive.sandbox.core import SANDBOX_CREDENTIALS, Sandbox, SimInstance, instance_environment
+from xdrive.sandbox.core import SANDBOX_CREDENTIALS, Sandbox, SimInstance, agent_environment
 
 DRIVE = "work"
 AGENT = (sys.executable, "-m", "xdrive.agent.main")
@@ -192,16 +192,17 @@ def kill_agent_group(inst: SimInstance) -> None:
 def agent_env(inst: Optional[SimInstance] = None) -> dict[str, str]:
     """An agent process's environment: on ``inst`` (credentials from its IMDS, as on EC2),
     or, for commands that call no AWS, nowhere in particular."""
-    if inst is None:
-        env = {**os.environ, **SANDBOX_CREDENTIALS}
-        for var in ("AWS_PROFILE", "AWS_ENDPOINT_URL"):
-            env.pop(var, None)
-        env.pop("NOTIFY_SOCKET", None)
-    else:
-        env = {**instance_environment(inst), "NOTIFY_SOCKET": str(inst.notify.path)}
-    for var in ("INVOCATION_ID", "JOURNAL_STREAM"):
+    if inst is not None:
+        return agent_environment(inst)
+    env = {**os.environ, **SANDBOX_CREDENTIALS, "PYTHONUNBUFFERED": "1"}
+    for var in (
+        "AWS_PROFILE",
+        "AWS_ENDPOINT_URL",
+        "NOTIFY_SOCKET",
+        "INVOCATION_ID",
+        "JOURNAL_STREAM",
+    ):
         env.pop(var, None)
-    env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
