@@ -76,7 +76,7 @@ class RoleCredentials:
             expiration=datetime.now(timezone.utc).replace(microsecond=0) + lifetime,
         )
 
-    def secrets(self) -> tuple[str, str]:
+    def secret_values(self) -> tuple[str, str]:
         """What must never be written anywhere: the secret key and the session token."""
         return (self.secret_access_key, self.token)
 

@@ -147,7 +147,7 @@ def assert_written_safely(m: Machine) -> None:
     for inside in files:
         texts[inside] = c.path(inside).read_bytes().decode("utf-8", "replace")
     for name, text in texts.items():
-        for secret in (*role.secrets(), *m.instance.imds.issued_tokens()):
+        for secret in (*role.secret_values(), *m.instance.imds.issued_tokens()):
             assert secret not in text, f"a credential is written in {name}"
 
 
