@@ -46,6 +46,19 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 
 @pytest.fixture
+def child_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Processes a test starts: killed (if still running) and reaped after it, pass or fail."""
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        yield procs
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=10)
+
+
+@pytest.fixture
 def workdir() -> Iterator[Path]:
     """A short path (unix sockets under it must stay < 108 bytes)."""
     path = Path(tempfile.mkdtemp(prefix="xds-", dir="/tmp"))

@@ -91,18 +91,6 @@ def test_containers_that_do_not_stop_cannot_push_the_snapshot_past_the_deadline(
         assert state["State"]["Running"] is False, name
 
 
-@pytest.fixture
-def holders() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-
-
 def hold_file_open(inst: SimInstance, procs: list[subprocess.Popen[bytes]]) -> Path:
     """A process outside docker that ignores SIGTERM and keeps appending to a file on /v1."""
     path = inst.root / "v1/held.log"
@@ -115,20 +103,20 @@ def hold_file_open(inst: SimInstance, procs: list[subprocess.Popen[bytes]]) -> P
 
 
 def test_processes_holding_the_drive_are_ended_and_the_drive_saved_clean(
-    sandbox: Sandbox, holders: list[subprocess.Popen[bytes]]
+    sandbox: Sandbox, child_procs: list[subprocess.Popen[bytes]]
 ) -> None:
     drive = "held"
     inst = boot(sandbox, drive, docker=False, reserve_s=20.0)
     ready = inst.status()
     assert ready is not None
-    held = hold_file_open(inst, holders)
+    held = hold_file_open(inst, child_procs)
     wait_for(lambda: held.exists() and held.read_text().count("\n") > 10, "the holder writing")
 
     sandbox.notice(inst.instance_id, "terminate", in_seconds=60)
     saved = wait_phase(sandbox, inst, "saved")
 
     # SIGTERM was ignored, so SIGKILL ended it.
-    assert holders[0].wait(timeout=10) == -9
+    assert child_procs[0].wait(timeout=10) == -9
     (snap,) = drive_snapshots(sandbox, drive)
     assert snap.tags["xdrive:kind"] == "final"  # unmounted, not frozen
     assert saved.last_save is not None and saved.last_save.kind == "final"

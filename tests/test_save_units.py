@@ -70,23 +70,11 @@ def test_parse_signal(name: str | None, number: int) -> None:
     assert parse_signal(name) == number
 
 
-@pytest.fixture
-def children() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-
-
-def test_catches_signal_reads_the_handler_mask(children: list[subprocess.Popen[bytes]]) -> None:
+def test_catches_signal_reads_the_handler_mask(child_procs: list[subprocess.Popen[bytes]]) -> None:
     catcher = subprocess.Popen(["sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"])
     ignorer = subprocess.Popen(["sh", "-c", "trap '' TERM; while true; do sleep 1; done"])
     plain = subprocess.Popen(["sleep", "30"])
-    children.extend([catcher, ignorer, plain])
+    child_procs.extend([catcher, ignorer, plain])
     time.sleep(0.3)  # let the shells install their traps
     assert catches_signal(catcher.pid, signal.SIGTERM) is True
     assert catches_signal(ignorer.pid, signal.SIGTERM) is False  # SIG_IGN is no handler
@@ -94,9 +82,11 @@ def test_catches_signal_reads_the_handler_mask(children: list[subprocess.Popen[b
     assert catches_signal(2**22 + 12345, signal.SIGTERM) is None  # no such process
 
 
-def test_a_process_is_named_by_pid_and_start_time(children: list[subprocess.Popen[bytes]]) -> None:
+def test_a_process_is_named_by_pid_and_start_time(
+    child_procs: list[subprocess.Popen[bytes]],
+) -> None:
     proc = subprocess.Popen(["sleep", "30"])
-    children.append(proc)
+    child_procs.append(proc)
     started = process_start_time(proc.pid)
     assert started is not None
     assert process_running(proc.pid, started)

@@ -9,7 +9,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 
 import pytest
 
@@ -62,27 +61,15 @@ while True:
 """
 
 
-@pytest.fixture
-def writer_procs() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    try:
-        yield procs
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait(timeout=10)
-
-
 def test_rebalance_checkpoints_while_work_goes_on(
-    sandbox: Sandbox, writer_procs: list[subprocess.Popen[bytes]]
+    sandbox: Sandbox, child_procs: list[subprocess.Popen[bytes]]
 ) -> None:
     drive = "rebalance"
     inst = boot(sandbox, drive, docker=False)
     ready = inst.status()
     assert ready is not None and ready.volume_id
     work = inst.root / "v1/work"
-    writer_procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(work)], cwd="/"))
+    child_procs.append(subprocess.Popen([sys.executable, "-c", WRITER, str(work)], cwd="/"))
     wait_for(lambda: work.exists() and len(list(work.iterdir())) > 20, "the writer's first files")
 
     sandbox.rebalance(inst.instance_id)
@@ -95,7 +82,7 @@ def test_rebalance_checkpoints_while_work_goes_on(
     # Work goes on: the writer keeps writing after the thaw.
     written = len(list(work.iterdir()))
     wait_for(lambda: len(list(work.iterdir())) > written + 20, "the writer going on")
-    assert writer_procs[0].poll() is None
+    assert child_procs[0].poll() is None
     # The volume stays in use; the recommendation stays posted and makes no second one.
     kept = volume(sandbox, ready.volume_id)
     assert kept is not None and kept.attached_instance == inst.instance_id
