@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.boot_helpers import statuses
 from tests.test_save_support import (
     boot,
     check_snapshot,
@@ -22,7 +23,6 @@ from tests.test_save_support import (
     import_image,
     read_in_image,
     run_container,
-    statuses,
     volume,
     wait_for,
     wait_phase,

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from tests.boot_helpers import statuses
 from tests.test_save_support import (
     boot,
     check_snapshot,
@@ -21,7 +22,6 @@ from tests.test_save_support import (
     import_image,
     read_in_image,
     run_container,
-    statuses,
     volume,
     wait_for,
     wait_phase,

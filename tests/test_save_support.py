@@ -120,10 +120,6 @@ def with_checkpoint(inst: SimInstance) -> Optional[AgentStatus]:
     return status if status is not None and status.last_checkpoint is not None else None
 
 
-def statuses(inst: SimInstance) -> list[str]:
-    return [m[len("STATUS=") :] for m in inst.notify.messages() if m.startswith("STATUS=")]
-
-
 def check_snapshot(
     snap: Snapshot,
     *,

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from tests.boot_helpers import statuses
 from tests.test_save_support import (
     boot,
     check_snapshot,
@@ -20,7 +21,6 @@ from tests.test_save_support import (
     fsck,
     list_in_image,
     read_in_image,
-    statuses,
     volume,
     wait_for,
     wait_phase,
